@@ -1,0 +1,106 @@
+"""Wiring used by the CLI, the demo and the tests: build the engine, publish events,
+read results. Each function takes validated :class:`Settings`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from pydantic import ValidationError
+
+from agents.engine import Engine
+from agents.loader import load_workflows
+from schemas.models import RunResult, TriggerEvent
+from schemas.serde import decode, validation_reason
+from streams.kafka import Outgoing, Producer
+from streams.reader import read_topic
+from streams.topics import TopicNames, apply_topics, required_topics
+from tools import default_registry
+
+from .errors import ConfigError, MessageValidationError
+from .settings import Settings
+
+__all__ = ["build_engine", "parse_events", "provision", "publish_events", "read_results",
+           "resolve_trigger_topic", "setup_logging"]
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
+                                                    "%(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def build_engine(settings: Settings) -> Engine:
+    return Engine(load_workflows(settings.workflows_dir), default_registry(),
+                  max_steps_per_run=settings.max_steps_per_run)
+
+
+async def provision(settings: Settings, engine: Engine) -> dict[str, str]:
+    """Create every topic the loaded workflows need."""
+    topics = required_topics(engine.workflows, TopicNames(settings.topic_prefix))
+    return await apply_topics(settings.bootstrap_servers, topics,
+                              partitions=settings.partitions,
+                              replication_factor=settings.replication_factor)
+
+
+def resolve_trigger_topic(settings: Settings, topic: str) -> tuple[str, str]:
+    """(topic, source) for a trigger topic name, or for a bare source name like ``crm``."""
+    names = TopicNames(settings.topic_prefix)
+    if "." not in topic:
+        return names.trigger(topic), topic
+    source = names.source_of(topic)
+    if source is None:
+        raise ConfigError(f"{topic} is not a trigger topic; publish to "
+                          f"{names.trigger('<source>')}, e.g. {names.trigger('crm')}")
+    return topic, source
+
+
+def parse_events(text: str, source: str) -> list[TriggerEvent]:
+    """A JSON object, a JSON array of objects, or JSON lines; all validated or none sent."""
+    stripped = text.strip()
+    if not stripped:
+        raise MessageValidationError("no events: the input is empty")
+    try:
+        data = json.loads(stripped)
+        items = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in stripped.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise MessageValidationError(f"the input is not JSON or JSON lines: {exc}") from exc
+    events, problems = [], []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append(f"event {i + 1}: is a JSON {type(item).__name__}, not an object")
+            continue
+        item.setdefault("source", source)
+        try:
+            event = TriggerEvent.model_validate(item)
+        except ValidationError as exc:
+            problems.append(f"event {i + 1}: {validation_reason(exc)}")
+            continue
+        if event.source != source:
+            problems.append(f"event {i + 1}: source '{event.source}' does not match the topic's "
+                            f"source '{source}'")
+        events.append(event)
+    if problems:
+        raise MessageValidationError("nothing was sent; " + "; ".join(problems))
+    return events
+
+
+async def publish_events(settings: Settings, topic: str, events: Sequence[TriggerEvent]) -> int:
+    producer = Producer(settings, client_id="agentfabric-publish")
+    await producer.start()
+    try:
+        await producer.send_all([Outgoing.of(topic, e.event_id, e) for e in events])
+    finally:
+        await producer.stop()
+    return len(events)
+
+
+async def read_results(settings: Settings, workflow: str, *, follow: bool = False,
+                       ) -> AsyncIterator[RunResult]:
+    topic = TopicNames(settings.topic_prefix).results(workflow)
+    async for record in read_topic(settings, topic, follow=follow):
+        yield decode(record.value, record.headers, RunResult)

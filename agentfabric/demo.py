@@ -1,0 +1,139 @@
+"""``agentfabric demo``: the whole fabric on the embedded stack, start to finish.
+
+Starts the broker and Redis (or uses the ones `agentfabric up` started), provisions the
+topics, runs a worker, publishes the sample CRM leads and ERP invoices plus one
+malformed event, waits for every result, prints them, and stops what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+
+from rich.console import Console
+
+from agents.engine import run_id_for
+from schemas.models import RunResult, TriggerEvent
+from streams.dlq import read_dead_letters
+from streams.embedded import EmbeddedStack
+from streams.kafka import Outgoing, Producer
+from streams.reader import read_topic
+from streams.runner import Worker
+from streams.topics import TopicNames
+
+from .app import build_engine, parse_events, provision, publish_events
+from .errors import StackError
+from .settings import Settings
+from .tables import dead_letters_table, results_table
+
+__all__ = ["run_demo", "sample_events"]
+
+SAMPLES = {"crm": "crm_leads.json", "erp": "erp_invoices.json"}
+RESULT_TIMEOUT_S = 60.0
+
+
+def sample_events() -> dict[str, list[TriggerEvent]]:
+    """The shipped sample events by source."""
+    folder = resources.files("agentfabric").joinpath("examples")
+    return {source: parse_events(folder.joinpath(name).read_text(encoding="utf-8"), source)
+            for source, name in SAMPLES.items()}
+
+
+async def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> int:
+    stack = EmbeddedStack(settings.state_dir, host=settings.broker_host,
+                          broker_port=settings.broker_port, redis_port=settings.redis_port)
+    started = stack.running() is None
+    if started:
+        info = stack.start()
+        out.print(f"started the embedded broker (pid {info.broker.pid}, "
+                  f"{info.bootstrap_servers}) and Redis (pid {info.redis.pid}, {info.redis_url})")
+    else:
+        info = stack.running()  # type: ignore[assignment]
+        out.print("using the embedded stack that `agentfabric up` started")
+    s = settings.model_copy(update={"bootstrap_servers": info.bootstrap_servers,
+                                    "redis_url": info.redis_url})
+    try:
+        return await _run(s, out)
+    finally:
+        if started and not keep:
+            stack.stop()
+            out.print("stopped the embedded broker and Redis")
+
+
+async def _run(s: Settings, out: Console) -> int:
+    names = TopicNames(s.topic_prefix)
+    engine = build_engine(s)
+    created = await provision(s, engine)
+    out.print(f"provisioned {len(created)} topics ({s.partitions} partitions each)")
+    stop = asyncio.Event()
+    worker = Worker(s, engine)
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.wait_for(_until(worker.ready, task), 30)
+        out.print(f"worker ready: router + {len(worker.consumers) - 1} step consumers")
+        t0 = time.monotonic()
+        events = sample_events()
+        expected: dict[str, set[str]] = {}
+        for source, batch in events.items():
+            await publish_events(s, names.trigger(source), batch)
+            for event in batch:
+                for wf in engine.workflows.starting(event):
+                    expected.setdefault(wf.name, set()).add(run_id_for(event, wf.name))
+            out.print(f"published {len(batch)} {source.upper()} events to "
+                      f"{names.trigger(source)}")
+        await _publish_malformed(s, names)
+        out.print(f"published 1 malformed event to {names.trigger('crm')}")
+        results = await asyncio.wait_for(_collect(s, names, expected, task), RESULT_TIMEOUT_S)
+        elapsed = time.monotonic() - t0
+        for workflow in sorted(results):
+            out.print(results_table(workflow, results[workflow]))
+        letters = [d async for d in read_dead_letters(s, names.dlq)]
+        out.print(dead_letters_table(letters))
+        total = sum(len(r) for r in results.values())
+        out.print(f"{total} runs completed in {elapsed:.2f}s; {len(letters)} dead letter(s)")
+        return 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, s.shutdown_timeout_s)
+
+
+async def _until(event: asyncio.Event, task: asyncio.Task[None]) -> None:
+    waiter = asyncio.create_task(event.wait())
+    done, _ = await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()
+        raise StackError("the worker stopped before it was ready")
+
+
+async def _publish_malformed(s: Settings, names: TopicNames) -> None:
+    producer = Producer(s, client_id="agentfabric-demo")
+    await producer.start()
+    try:
+        await producer.send_all([Outgoing(names.trigger("crm"), b"bad-1",
+                                          b'{"event_type": "lead.created", "payload": ')])
+    finally:
+        await producer.stop()
+
+
+async def _collect(s: Settings, names: TopicNames, expected: dict[str, set[str]],
+                   worker: asyncio.Task[None]) -> dict[str, list[RunResult]]:
+    """Read each result topic until every expected run has its result."""
+    from schemas.serde import decode
+
+    results: dict[str, list[RunResult]] = {}
+    for workflow, run_ids in expected.items():
+        found: dict[str, RunResult] = {}
+        stop = asyncio.Event()
+        async for record in read_topic(s, names.results(workflow), follow=True, stop=stop):
+            result = decode(record.value, record.headers, RunResult)
+            if result.run_id in run_ids:
+                found[result.run_id] = result
+            if len(found) == len(run_ids):
+                stop.set()
+            if worker.done():
+                worker.result()
+        results[workflow] = sorted(found.values(), key=lambda r: r.event_id)
+    return results
+

@@ -1,0 +1,127 @@
+"""The one exception root of agentfabric, and what each branch means for a message.
+
+Hierarchy::
+
+    AgentFabricError                 root: ``except AgentFabricError`` catches everything we raise
+    ├── ConfigError                  a developer misconfigured something; fix the config and restart
+    │   ├── SettingsError            bad or unknown AGENTFABRIC_* setting
+    │   ├── WorkflowError            a workflow file is invalid (names the file, step and field)
+    │   ├── ExpressionSyntaxError    an expression or template does not parse
+    │   └── PortInUseError           the embedded stack cannot bind a port
+    ├── StackError                   the embedded broker or Redis failed to start or stop
+    ├── TransientError               may succeed if tried again (broker, Redis, tool unavailable)
+    └── PermanentError               retrying cannot help: the message is dead-lettered at once
+        ├── DecodeError              the bytes are not a message we can read
+        ├── MessageValidationError   the message decoded but does not fit its schema
+        ├── UnknownWorkflowError     the message names a workflow that is not loaded
+        ├── UnknownStepError         the message names a step its workflow does not have
+        ├── UnroutableEventError     no loaded workflow starts on this event
+        ├── ExpressionEvalError      an expression failed on this run's data
+        └── ToolError                a tool rejected the call or failed permanently
+
+Third-party errors are translated where they enter (``raise ... from``), so callers
+handle this hierarchy only. Every error carries a one-sentence ``reason`` used in
+dead letters: what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentFabricError",
+    "ConfigError",
+    "DecodeError",
+    "ExpressionEvalError",
+    "ExpressionSyntaxError",
+    "MessageValidationError",
+    "PermanentError",
+    "PortInUseError",
+    "SettingsError",
+    "StackError",
+    "ToolError",
+    "TransientError",
+    "UnknownStepError",
+    "UnknownWorkflowError",
+    "UnroutableEventError",
+    "WorkflowError",
+]
+
+
+class AgentFabricError(Exception):
+    """Root of every error agentfabric raises."""
+
+    @property
+    def reason(self) -> str:
+        """One sentence for a dead letter or a CLI message."""
+        return str(self)
+
+
+class ConfigError(AgentFabricError):
+    """A developer misconfigured something: fix the configuration and start again."""
+
+
+class SettingsError(ConfigError):
+    """A setting is invalid or unknown."""
+
+
+class WorkflowError(ConfigError):
+    """A workflow definition is invalid; the message names the file, the step and the field."""
+
+    def __init__(
+        self, message: str, *, file: str | None = None, step: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.file, self.step, self.field, self.detail = file, step, field, message
+        where = [p for p in (
+            file,
+            f"step '{step}'" if step else None,
+            f"field '{field}'" if field else None,
+        ) if p]
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class ExpressionSyntaxError(ConfigError):
+    """An expression or template does not parse; the message gives the column."""
+
+
+class PortInUseError(ConfigError):
+    """A port the embedded stack needs is taken."""
+
+
+class StackError(AgentFabricError):
+    """The embedded broker or Redis could not be started or stopped."""
+
+
+class TransientError(AgentFabricError):
+    """May succeed if tried again: the message is retried, then dead-lettered."""
+
+
+class PermanentError(AgentFabricError):
+    """Retrying cannot help: the message goes to the dead-letter topic at once."""
+
+
+class DecodeError(PermanentError):
+    """The message bytes cannot be decoded."""
+
+
+class MessageValidationError(PermanentError):
+    """The message decoded but does not fit its schema."""
+
+
+class UnknownWorkflowError(PermanentError):
+    """The message names a workflow that is not loaded."""
+
+
+class UnknownStepError(PermanentError):
+    """The message names a step its workflow does not have."""
+
+
+class UnroutableEventError(PermanentError):
+    """No loaded workflow starts on this event."""
+
+
+class ExpressionEvalError(PermanentError):
+    """An expression failed on this run's data."""
+
+
+class ToolError(PermanentError):
+    """A tool rejected its arguments or failed permanently."""

@@ -1,0 +1,99 @@
+"""Typed settings, read from ``AGENTFABRIC_*`` environment variables and validated at start-up.
+
+Nothing is read on import: call :func:`load_settings`. An unknown ``AGENTFABRIC_*``
+variable is an error that suggests the setting you probably meant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import SettingsError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+
+ENV_PREFIX = "AGENTFABRIC_"
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Defaults run the embedded stack on loopback."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:19092",
+        description="Kafka bootstrap servers, comma separated (a real cluster in production).")
+    redis_url: str = Field(default="redis://127.0.0.1:16379/0", description="Redis URL.")
+    topic_prefix: str = Field(default="af", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,48}$",
+                              description="Prefix of every topic and consumer group.")
+    partitions: int = Field(default=3, ge=1, le=1024, description="Partitions per new topic.")
+    replication_factor: int = Field(default=1, ge=1, le=16)
+    fetch_max_wait_ms: int = Field(
+        default=10, ge=1, le=30_000,
+        description="Longest a fetch waits for data. The embedded broker does not wake a "
+                    "waiting fetch, so latency follows this value: keep it low there.")
+    max_poll_records: int = Field(default=200, ge=1, le=10_000)
+    max_attempts: int = Field(default=3, ge=1, le=100,
+                              description="Attempts of a step before a transient failure "
+                                          "is dead-lettered.")
+    max_steps_per_run: int = Field(default=100, ge=1, le=10_000,
+                                   description="A run that executes more steps is dead-lettered "
+                                               "(runaway loop guard).")
+    idempotency_ttl_s: int = Field(default=7 * 24 * 3600, ge=60,
+                                   description="How long a step's emitted output is kept in "
+                                               "Redis to re-emit on redelivery.")
+    workflows_dir: Path | None = Field(
+        default=None, description="Folder of workflow YAML files; default: the shipped samples.")
+    state_dir: Path = Field(default=Path(".agentfabric"),
+                            description="Where `agentfabric up` keeps pids and logs.")
+    broker_host: str = Field(default="127.0.0.1", description="Embedded broker listen address.")
+    broker_port: int = Field(default=19092, ge=1, le=65535, description="Embedded broker port.")
+    redis_port: int = Field(default=16379, ge=1, le=65535, description="Embedded Redis port.")
+    shutdown_timeout_s: float = Field(default=30.0, gt=0,
+                                      description="How long SIGTERM waits for in-flight work.")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"'{server}' is not host:port")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @property
+    def secret_free_redis_url(self) -> str:
+        """The Redis URL with any password masked, for printing."""
+        scheme, sep, rest = self.redis_url.partition("://")
+        if "@" in rest:
+            rest = "***@" + rest.split("@", 1)[1]
+        return f"{scheme}{sep}{rest}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings; unknown ``AGENTFABRIC_*`` variables are errors."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for var in os.environ:
+        if var.startswith(ENV_PREFIX) and var not in known:
+            guess = difflib.get_close_matches(var, sorted(known), n=1)
+            hint = f"; did you mean {guess[0]}?" if guess else ""
+            raise SettingsError(f"unknown setting {var}{hint}")
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+            for e in exc.errors())
+        raise SettingsError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,112 @@
+"""Rich renderings of workflows, results and dead letters for the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from agentfabric.errors import PermanentError
+from agents.workflow import WorkflowSet
+from schemas.models import DeadLetter, RunResult
+from schemas.serde import decode, header_value
+from streams.topics import TopicNames
+
+__all__ = ["dead_letters_table", "describe_dead_letter", "results_table", "workflows_table"]
+
+MAX_OUTPUT_COLUMNS = 8
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def workflows_table(workflows: WorkflowSet, names: TopicNames) -> Table:
+    table = Table(title="Workflows")
+    for column in ("workflow", "version", "trigger", "steps", "file"):
+        table.add_column(column)
+    for wf in workflows:
+        trigger = f"{names.trigger(wf.trigger.source)} ({', '.join(wf.trigger.event_types)})"
+        table.add_row(wf.name, str(wf.version), trigger,
+                      " → ".join(f"{s.id}[{s.kind}]" for s in wf.steps), wf.file)
+    return table
+
+
+def results_table(workflow: str, results: Sequence[RunResult]) -> Table:
+    keys: list[str] = []
+    for result in results:
+        if isinstance(result.output, dict):
+            keys.extend(k for k in result.output if k not in keys)
+    keys = keys[:MAX_OUTPUT_COLUMNS]
+    table = Table(title=f"{workflow}: {len(results)} result{'s' if len(results) != 1 else ''}")
+    table.add_column("run")
+    table.add_column("event")
+    for key in keys or ["output"]:
+        table.add_column(key, no_wrap=True, overflow="ellipsis", max_width=28)
+    table.add_column("steps", justify="right")
+    table.add_column("ms", justify="right")
+    for r in results:
+        values = ([_cell(r.output.get(k)) for k in keys] if keys and isinstance(r.output, dict)
+                  else [_cell(r.output)])
+        elapsed = (r.finished_at - r.started_at).total_seconds() * 1000
+        table.add_row(r.run_id[:8], r.event_id, *values, str(len(r.path)), f"{elapsed:.0f}")
+    return table
+
+
+def dead_letters_table(letters: Sequence[DeadLetter]) -> Table:
+    table = Table(title=f"Dead letters: {len(letters)}")
+    for column in ("id", "failed at", "error", "from", "run", "reason"):
+        table.add_column(column, overflow="fold")
+    for d in letters:
+        where = f"{d.topic}[{d.partition}]@{d.offset}"
+        run = f"{d.workflow}.{d.step}" if d.workflow else "-"
+        table.add_row(d.dead_letter_id[:8], d.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
+                      d.error_type, where, run, d.reason)
+    return table
+
+
+def _original(d: DeadLetter) -> str:
+    if d.value is None:
+        return "(no value)"
+    schema = header_value([(h.key, h.value) for h in d.headers], "af-schema")
+    if schema is not None:
+        from schemas.models import StepMessage, TriggerEvent
+
+        model = {b"step_message": StepMessage, b"trigger_event": TriggerEvent}.get(
+            schema.rsplit(b".v", 1)[0])
+        if model is not None:
+            try:
+                decoded = decode(d.value, [(h.key, h.value) for h in d.headers], model)
+            except PermanentError:
+                pass  # undecodable: shown raw below
+            else:
+                return decoded.model_dump_json(indent=2)
+    try:
+        return d.value.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"({len(d.value)} bytes, not UTF-8) {d.value[:64].hex()}"
+
+
+def describe_dead_letter(d: DeadLetter) -> Group:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = [("id", d.dead_letter_id), ("reason", d.reason), ("error", d.error_type),
+            ("from", f"{d.topic} partition {d.partition} offset {d.offset}"),
+            ("group", d.consumer_group), ("failed at", d.failed_at.isoformat()),
+            ("run", d.run_id or "-"), ("workflow", d.workflow or "-"), ("step", d.step or "-"),
+            ("tenant", d.tenant or "-"), ("attempts", str(d.attempts)),
+            ("key", d.key.decode("utf-8", "replace") if d.key else "-"),
+            ("headers", ", ".join(f"{h.key}={(h.value or b'').decode('utf-8', 'replace')}"
+                                  for h in d.headers) or "-")]
+    for label, value in rows:
+        table.add_row(label, value)
+    return Group(table, Text("\noriginal message:", style="bold"), Text(_original(d)))

@@ -1,0 +1,114 @@
+"""What every step kind shares: its YAML model, its compiled templates, and how it runs.
+
+A step kind is a pydantic model registered under its ``kind`` name. The loader validates a
+step's YAML against the model of its kind, then calls :meth:`StepSpec.compile`, which
+parses every expression and template once. ``run`` receives a :class:`StepContext` and
+returns a :class:`StepOutcome`; it holds no state between messages.
+Later kinds (llm, lookup, parallel, loop, approval, workflow) register the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentfabric.errors import ExpressionSyntaxError, WorkflowError
+from agents.expr import Expression, compile_expression
+from agents.template import Template, compile_template
+from schemas.models import StepMessage, Usage
+from tools.registry import ToolRegistry
+
+__all__ = [
+    "END",
+    "STEP_ID_PATTERN",
+    "STEP_KINDS",
+    "StepContext",
+    "StepOutcome",
+    "StepSpec",
+    "register_step_kind",
+]
+
+END = "end"
+STEP_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+@dataclass
+class StepContext:
+    """Everything a step may use for one message: the envelope, the scope, the tools."""
+
+    message: StepMessage
+    scope: dict[str, Any]
+    tools: ToolRegistry
+
+
+@dataclass
+class StepOutcome:
+    """A step's output, and where the run goes next (``None``: the following step)."""
+
+    output: Any
+    next_step: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+class StepSpec(BaseModel):
+    """Fields every step has. Subclasses add their own and implement ``run``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind_name: ClassVar[str]
+
+    id: str = Field(pattern=STEP_ID_PATTERN)
+    kind: str
+    description: str = ""
+    next: str | None = Field(default=None, description="Step to run after this one; 'end' "
+                                                       "finishes the run. Default: the next "
+                                                       "step in the file.")
+
+    def compile(self) -> None:
+        """Parse expressions and templates; raise WorkflowError naming the field."""
+
+    def expressions(self) -> Iterator[tuple[str, Expression]]:
+        """Every compiled expression with its field path (for reference checks)."""
+        return iter(())
+
+    def targets(self) -> Iterator[tuple[str, str]]:
+        """Every step id this step may jump to, with the field that names it."""
+        if self.next is not None:
+            yield "next", self.next
+
+    async def run(self, ctx: StepContext) -> StepOutcome:
+        raise NotImplementedError
+
+    # helpers for subclasses
+    def _template(self, field_path: str, value: Any) -> Template:
+        try:
+            return compile_template(value)
+        except ExpressionSyntaxError as exc:
+            raise WorkflowError(str(exc), step=self.id, field=field_path) from exc
+
+    def _expression(self, field_path: str, text: str) -> Expression:
+        try:
+            return compile_expression(text)
+        except ExpressionSyntaxError as exc:
+            raise WorkflowError(str(exc), step=self.id, field=field_path) from exc
+
+    @staticmethod
+    def _template_expressions(prefix: str, template: Template,
+                              ) -> Iterator[tuple[str, Expression]]:
+        for location, expression in template.expressions():
+            yield (f"{prefix}.{location}" if location else prefix), expression
+
+
+STEP_KINDS: dict[str, type[StepSpec]] = {}
+S = TypeVar("S", bound=type[StepSpec])
+
+
+def register_step_kind(name: str) -> Callable[[S], S]:
+    """Class decorator: make a step kind available to workflow files as ``kind: <name>``."""
+    def decorator(cls: S) -> S:
+        cls.kind_name = name
+        STEP_KINDS[name] = cls
+        return cls
+    return decorator

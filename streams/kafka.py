@@ -1,0 +1,81 @@
+"""Kafka clients as agentfabric uses them, with Kafka errors translated where they enter.
+
+Delivery is at-least-once: a producer with ``acks=all`` and no idempotence (the embedded
+broker refuses idempotent producers and transactions), and consumers that never
+auto-commit. Duplicates are absorbed by idempotent steps (see ``streams.idempotency``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from agentfabric.errors import TransientError
+from agentfabric.settings import Settings
+from schemas.models import AvroModel
+from schemas.serde import encode
+
+__all__ = ["Outgoing", "Producer", "make_consumer"]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def of(cls, topic: str, key: str, model: AvroModel,
+           extra_headers: Sequence[tuple[str, bytes]] = ()) -> Outgoing:
+        value, headers = encode(model)
+        return cls(topic, key.encode(), value, (*headers, *extra_headers))
+
+
+class Producer:
+    """A started producer; ``send_all`` returns once the broker acknowledged every message."""
+
+    def __init__(self, settings: Settings, client_id: str = "agentfabric") -> None:
+        self._settings = settings
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers, client_id=client_id, acks="all",
+            enable_idempotence=False, linger_ms=0, request_timeout_ms=30_000)
+
+    async def start(self) -> None:
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            await self._producer.stop()
+            raise TransientError(
+                f"cannot reach Kafka at {self._settings.bootstrap_servers} "
+                f"({type(exc).__name__}); start it with `agentfabric up` or set "
+                f"AGENTFABRIC_BOOTSTRAP_SERVERS") from exc
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send_all(self, messages: Sequence[Outgoing]) -> None:
+        try:
+            futures = [await self._producer.send(m.topic, m.value, key=m.key,
+                                                 headers=list(m.headers)) for m in messages]
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise TransientError(f"the broker did not acknowledge a message "
+                                 f"({type(exc).__name__}: {exc})") from exc
+
+
+def make_consumer(settings: Settings, group_id: str | None, *topics: str,
+                  client_id: str = "agentfabric") -> AIOKafkaConsumer:
+    """A consumer that commits only explicitly and starts a new group at the earliest offset."""
+    return AIOKafkaConsumer(
+        *topics, bootstrap_servers=settings.bootstrap_servers, group_id=group_id,
+        client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        max_poll_records=settings.max_poll_records, session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000, rebalance_timeout_ms=10_000)

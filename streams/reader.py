@@ -1,0 +1,50 @@
+"""Read a topic from the beginning without a consumer group: a snapshot up to the current
+end offsets, or a follow that keeps going. Used by ``results`` and ``dlq``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from agentfabric.errors import ConfigError, TransientError
+from agentfabric.settings import Settings
+
+from .kafka import make_consumer
+
+__all__ = ["read_topic"]
+
+
+async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
+                     stop: asyncio.Event | None = None) -> AsyncIterator[ConsumerRecord]:
+    """Yield every record of ``topic`` from the start; without ``follow``, stop at the end."""
+    consumer = make_consumer(settings, None)
+    try:
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions is None:
+            await consumer.topics()  # refresh metadata once
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise ConfigError(f"topic {topic} does not exist; run `agentfabric topics apply`")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        remaining = {tp for tp in tps if end[tp] > 0}
+        while follow or remaining:
+            if stop is not None and stop.is_set():
+                return
+            batch = await consumer.getmany(timeout_ms=200)
+            for tp, records in batch.items():
+                for record in records:
+                    yield record
+                    if not follow and record.offset + 1 >= end[tp]:
+                        remaining.discard(tp)
+    except KafkaError as exc:
+        raise TransientError(f"cannot read {topic} from {settings.bootstrap_servers} "
+                             f"({type(exc).__name__}); is the broker up?") from exc
+    finally:
+        await consumer.stop()

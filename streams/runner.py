@@ -1,0 +1,100 @@
+"""A worker process: the router plus one consumer per step of the selected workflows,
+sharing one producer and one Redis connection pool, until ``stop`` is set."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from agentfabric.errors import TransientError
+from agentfabric.settings import Settings
+from agents.engine import Engine
+
+from .consumer import StepConsumer
+from .handlers import Handler, RouterHandler, StepHandler
+from .idempotency import RedisEmissionStore
+from .kafka import Producer
+from .topics import TopicNames
+
+__all__ = ["Worker", "connect_redis"]
+
+log = logging.getLogger(__name__)
+
+
+async def connect_redis(settings: Settings) -> Redis:
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        await redis.ping()  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        await redis.aclose()
+        raise TransientError(f"cannot reach Redis at {settings.secret_free_redis_url} "
+                             f"({type(exc).__name__}); start it with `agentfabric up` or set "
+                             f"AGENTFABRIC_REDIS_URL") from exc
+    return redis
+
+
+class Worker:
+    """Consumers for the router and every step of ``workflows`` (default: all loaded)."""
+
+    def __init__(self, settings: Settings, engine: Engine, *,
+                 workflows: Sequence[str] | None = None, router: bool = True) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.names = TopicNames(settings.topic_prefix)
+        selected = list(workflows) if workflows else engine.workflows.names()
+        for name in selected:
+            engine.workflows.latest(name)  # raises UnknownWorkflowError for a typo
+        self.selected = selected
+        self.router = router
+        self.consumers: list[StepConsumer] = []
+        self.ready = asyncio.Event()
+
+    def _handlers(self, store: RedisEmissionStore) -> list[Handler]:
+        handlers: list[Handler] = []
+        if self.router:
+            handlers.append(RouterHandler(self.engine, self.names, store))
+        for name in self.selected:
+            handlers.extend(
+                StepHandler(self.engine, self.names, store, name, step,
+                            self.settings.max_attempts)
+                for step in self.engine.workflows.step_ids(name))
+        return handlers
+
+    async def run(self, stop: asyncio.Event) -> None:
+        redis = await connect_redis(self.settings)
+        producer = Producer(self.settings)
+        try:
+            await producer.start()
+            store = RedisEmissionStore(redis, self.settings.topic_prefix,
+                                       self.settings.idempotency_ttl_s)
+            self.consumers = [StepConsumer(self.settings, h, producer, store)
+                              for h in self._handlers(store)]
+            tasks = [asyncio.create_task(c.run(stop), name=c.handler.name)
+                     for c in self.consumers]
+            watcher = asyncio.create_task(self._announce_ready(stop))
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            finally:
+                watcher.cancel()
+        finally:
+            await producer.stop()
+            await redis.aclose()
+
+    async def _announce_ready(self, stop: asyncio.Event) -> None:
+        waits = [asyncio.create_task(c.assigned.wait()) for c in self.consumers]
+        try:
+            await asyncio.gather(*waits)
+        finally:
+            for w in waits:
+                w.cancel()
+        self.ready.set()
+        log.info("worker ready: %d consumers (%s)", len(self.consumers),
+                 ", ".join(c.handler.name for c in self.consumers))

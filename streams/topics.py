@@ -1,0 +1,93 @@
+"""Topic and consumer-group naming, and provisioning of every topic the workflows need.
+
+    <prefix>.triggers.<source>     trigger events (from ingress or any producer)
+    <prefix>.<workflow>.<step>     a run waiting for that step
+    <prefix>.results.<workflow>    finished runs
+    <prefix>.dlq                   dead letters
+    <prefix>.approvals             runs handed to a person (later issues)
+
+One consumer group per step (named like its topic) and one for the router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from agentfabric.errors import TransientError
+from agents.workflow import WorkflowSet
+
+__all__ = ["TopicNames", "apply_topics", "required_topics"]
+
+TOPIC_EXISTS = 36
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    prefix: str
+
+    def trigger(self, source: str) -> str:
+        return f"{self.prefix}.triggers.{source}"
+
+    def step(self, workflow: str, step: str) -> str:
+        return f"{self.prefix}.{workflow}.{step}"
+
+    def results(self, workflow: str) -> str:
+        return f"{self.prefix}.results.{workflow}"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+    @property
+    def approvals(self) -> str:
+        return f"{self.prefix}.approvals"
+
+    @property
+    def router_group(self) -> str:
+        return f"{self.prefix}.router"
+
+    def step_group(self, workflow: str, step: str) -> str:
+        return self.step(workflow, step)
+
+    def source_of(self, topic: str) -> str | None:
+        """The source a trigger topic carries, or None if ``topic`` is not a trigger topic."""
+        head = f"{self.prefix}.triggers."
+        return topic[len(head):] if topic.startswith(head) and len(topic) > len(head) else None
+
+
+def required_topics(workflows: WorkflowSet, names: TopicNames) -> list[str]:
+    """Every topic the loaded workflows read or write."""
+    topics = {names.dlq, names.approvals}
+    topics.update(names.trigger(source) for source in workflows.sources())
+    for name in workflows.names():
+        topics.add(names.results(name))
+        topics.update(names.step(name, step) for step in workflows.step_ids(name))
+    return sorted(topics)
+
+
+async def apply_topics(bootstrap_servers: str, topics: list[str], *, partitions: int,
+                       replication_factor: int) -> dict[str, str]:
+    """Create missing topics; returns topic -> 'created' or 'exists'."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers,
+                                client_id="agentfabric-admin")
+    try:
+        await admin.start()
+        response = await admin.create_topics(
+            [NewTopic(t, partitions, replication_factor) for t in topics])
+    except KafkaError as exc:
+        raise TransientError(f"cannot create topics on {bootstrap_servers} "
+                             f"({type(exc).__name__}); is the broker up?") from exc
+    finally:
+        await admin.close()
+    outcome: dict[str, str] = {}
+    for topic, code, message in response.topic_errors:
+        if code == 0:
+            outcome[topic] = "created"
+        elif code == TOPIC_EXISTS:
+            outcome[topic] = "exists"
+        else:
+            raise TransientError(f"creating topic {topic} failed with error {code}: {message}")
+    return outcome

@@ -1,0 +1,1 @@
+"""Sample connectors: CRM accounts and ERP vendors/invoices over shipped tables."""

@@ -5,6 +5,8 @@ expression's native value: a number stays a number, a dict stays a dict. Any oth
 ``{{ ... }}`` parts renders to a string, each part replaced by its text form (``str()`` in the
 expression language: null is "", booleans are true/false, lists and dicts are compact JSON).
 Dicts and lists are compiled recursively; dict keys are plain strings, never templates.
+A part that does not parse raises ``TemplateSyntaxError``, an ``ExpressionSyntaxError`` whose
+``location`` is the field path inside the value, as ``Template.expressions()`` reports it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,23 @@ from typing import Any
 from agentfabric.errors import ExpressionSyntaxError
 from agents.expr import Expression, compile_expression, to_text
 
-__all__ = ["Template", "compile_template"]
+__all__ = ["Template", "TemplateSyntaxError", "compile_template"]
+
+
+class TemplateSyntaxError(ExpressionSyntaxError):
+    """A template part does not parse; ``location`` is where in the value ("" for the root).
+
+    The message is the expression's own (or the unterminated ``{{`` one), without the location,
+    so a caller can put the location where it belongs, e.g. in ``WorkflowError.field``.
+    """
+
+    def __init__(self, message: str, location: str = "") -> None:
+        super().__init__(message)
+        self.location = location
+
+    def __reduce__(self) -> tuple[type[TemplateSyntaxError], tuple[str, str]]:
+        return type(self), (str(self), self.location)
+
 
 @dataclass(frozen=True, slots=True)
 class _Literal:
@@ -66,28 +84,31 @@ def _close(text: str, start: int) -> int:
     return -1 if not quote else text.find("}}", start)
 
 
-def _unterminated(text: str, start: int) -> ExpressionSyntaxError:
+def _unterminated(text: str, start: int, where: str) -> TemplateSyntaxError:
     line = text.count("\n", 0, start) + 1
     column = start - (text.rfind("\n", 0, start) + 1) + 1
-    where = f"line {line}, column {column}" if "\n" in text else f"column {column}"
+    at = f"line {line}, column {column}" if "\n" in text else f"column {column}"
     shown = text
     if len(text) > 200 or "\n" in text:
         shown = re.sub(r"\s", " ", text[start : start + 40]) + ("..." * (len(text) > start + 40))
-    return ExpressionSyntaxError(
-        f"unterminated '{{{{' at {where} in \"{shown}\": close it with '}}}}'"
+    return TemplateSyntaxError(
+        f"unterminated '{{{{' at {at} in \"{shown}\": close it with '}}}}'", where
     )
 
 
-def _compile_string(text: str) -> _Node:
+def _compile_string(text: str, where: str) -> _Node:
     parts: list[str | Expression] = []
     pos = 0
     while (start := text.find("{{", pos)) != -1:
         end = _close(text, start + 2)
         if end == -1:
-            raise _unterminated(text, start)
+            raise _unterminated(text, start, where)
         if start > pos:
             parts.append(text[pos:start])
-        parts.append(compile_expression(text[start + 2 : end].strip()))
+        try:
+            parts.append(compile_expression(text[start + 2 : end].strip()))
+        except ExpressionSyntaxError as exc:
+            raise TemplateSyntaxError(str(exc), where) from exc
         pos = end + 2
     if pos < len(text):
         parts.append(text[pos:])
@@ -99,13 +120,18 @@ def _compile_string(text: str) -> _Node:
     return _Text(tuple(parts))
 
 
-def _compile(value: Any) -> _Node:
+def _field(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _compile(value: Any, where: str) -> _Node:
+    """Compile ``value``, found at field path ``where`` (paths are spelled as in ``_walk``)."""
     if isinstance(value, str):
-        return _compile_string(value)
+        return _compile_string(value, where)
     if isinstance(value, Mapping):
-        return _Dict(tuple((key, _compile(item)) for key, item in value.items()))
+        return _Dict(tuple((k, _compile(item, _field(where, k))) for k, item in value.items()))
     if isinstance(value, list | tuple):
-        return _List(tuple(_compile(item) for item in value))
+        return _List(tuple(_compile(item, f"{where}[{i}]") for i, item in enumerate(value)))
     return _Literal(value)
 
 
@@ -125,10 +151,6 @@ def _render(node: _Node, context: Mapping[str, Any]) -> Any:
         case _List(items):
             return [_render(item, context) for item in items]
     raise AssertionError(f"unknown template node {node!r}")  # pragma: no cover
-
-
-def _field(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
 
 
 def _walk(node: _Node, where: str, out: list[tuple[str, Expression]]) -> None:
@@ -175,5 +197,5 @@ class Template:
 
 
 def compile_template(value: Any) -> Template:
-    """Compile any YAML value; raise ``ExpressionSyntaxError`` if an expression does not parse."""
-    return Template(_compile(value))
+    """Compile any YAML value; raise ``TemplateSyntaxError`` if an expression does not parse."""
+    return Template(_compile(value, ""))

@@ -147,6 +147,7 @@ class EmbeddedStack:
         self.host = host
         self.broker_port = broker_port
         self.redis_port = redis_port
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def state_path(self) -> Path:
@@ -219,6 +220,7 @@ class EmbeddedStack:
             proc = subprocess.Popen(  # noqa: S603 - fixed binaries, no shell
                 [binary, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
+        self._children[proc.pid] = proc
         return ManagedProcess(name=name, pid=proc.pid, port=port, binary=binary,
                               log=str(log_path)), proc
 
@@ -236,8 +238,18 @@ class EmbeddedStack:
         raise StackError(f"the embedded {proc.name} did not answer on port {proc.port} within "
                          f"{READY_TIMEOUT_S:.0f}s; see {proc.log}")
 
-    @staticmethod
-    def _terminate(proc: ManagedProcess, timeout_s: float = 10.0) -> bool:
+    def _terminate(self, proc: ManagedProcess, timeout_s: float = 10.0) -> bool:
+        child = self._children.pop(proc.pid, None)
+        if child is not None:  # started by this object: Popen reaps it
+            if child.poll() is not None:
+                return False
+            child.terminate()
+            try:
+                child.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            return True
         if not pid_alive(proc.pid, proc.binary):
             _reap(proc.pid)
             return False

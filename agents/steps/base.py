@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agentfabric.errors import ExpressionSyntaxError, WorkflowError
 from agents.expr import Expression, compile_expression
-from agents.template import Template, compile_template
+from agents.template import Template, TemplateSyntaxError, compile_template
 from schemas.models import StepMessage, Usage
 from tools.registry import ToolRegistry
 
@@ -86,7 +86,9 @@ class StepSpec(BaseModel):
         try:
             return compile_template(value)
         except ExpressionSyntaxError as exc:
-            raise WorkflowError(str(exc), step=self.id, field=field_path) from exc
+            location = exc.location if isinstance(exc, TemplateSyntaxError) else ""
+            where = f"{field_path}.{location}" if location else field_path
+            raise WorkflowError(str(exc), step=self.id, field=where) from exc
 
     def _expression(self, field_path: str, text: str) -> Expression:
         try:

@@ -528,3 +528,42 @@ def test_evaluation_error_keeps_the_regex_cause() -> None:
     with pytest.raises(ExpressionEvalError) as info:
         run("matches('a', '[')")
     assert isinstance(info.value.__cause__, re.error)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("n * n * n * n * n", "the result of '*' is too large"),
+    ("n / 3", "the result of '/' is too large"),
+    ("float(n)", "float() cannot convert a number this large"),
+    ("sum([n, 0.5])", "the result of sum() is too large"),
+    ("int(digits)", "int() cannot convert a number this large"),
+])
+def test_huge_numbers_fail_cleanly(text: str, message: str) -> None:
+    context = {"n": 10**1000, "digits": "1" * 5000}
+    with pytest.raises(ExpressionEvalError, match=exact(f'{message} in "{text}"')):
+        run(text, context)
+
+
+def test_python_sequences_in_the_context_act_as_lists() -> None:
+    context = {"t": (1, 2)}
+    assert run("t + t", context) == [1, 2, 1, 2]
+    assert run("t + [3]", context) == [1, 2, 3]
+    assert run("t == [1, 2]", context) is True
+    assert run("t[-1]", context) == 2
+    assert run("int('-12345678901234567890')") == -12345678901234567890
+
+
+def test_matches_caps_the_string_it_searches() -> None:
+    subject = "a" * 10_000
+    assert run("matches(s, 'a$')", {"s": subject}) is True
+    text = "matches(s, 'a$')"
+    message = "matches() searches a string of at most 10000 characters, got 10001"
+    with pytest.raises(ExpressionEvalError, match=exact(f'{message} in "{text}"')):
+        run(text, {"s": subject + "a"})
+
+
+def test_functions_module_is_what_expr_reexports() -> None:
+    import agents.functions as functions
+
+    assert functions.FUNCTIONS is FUNCTIONS
+    assert functions.to_text is to_text
+    assert functions.MAX_SUBJECT == 10_000

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from agentfabric.errors import ExpressionEvalError, ExpressionSyntaxError
 from agents.expr import Expression
-from agents.template import Template, compile_template
+from agents.template import Template, TemplateSyntaxError, compile_template
 
 CTX: dict[str, Any] = {
     "input": {"name": "Ann", "score": 7, "ratio": 0.5, "tags": ["a", "b"], "ok": True,
@@ -184,3 +186,46 @@ def test_evaluation_errors_propagate() -> None:
         template.render(CTX)
     with pytest.raises(ExpressionEvalError, match=exact('cannot add string and number in "a + 1"')):
         compile_template("{{ a + 1 }}").render({"a": "s"})
+
+
+@pytest.mark.parametrize(("value", "location"), [
+    ("{{ 1 + }}", ""),
+    ("total: {{ a $ b }}", ""),
+    ({"a": {"b": "{{ 1 + }}"}}, "a.b"),
+    ({"a": {"b": "x {{ ok }} y {{ (1 }}"}}, "a.b"),
+    ({"lines": [1, 2, {"amount": "{{ 2 * }}"}]}, "lines[2].amount"),
+    (["{{ 1 }}", ["x", "{{ nope(1) }}"]], "[1][1]"),
+    (("{{ 1 }}", "{{ ) }}"), "[1]"),
+    ({"my key": {4: "{{ 'abc }}"}}, "my key.4"),
+    ({"ok": "{{ 1 }}", "bad": "Hello {{ input.name"}, "bad"),
+    ({"a": [{"b": "{{ oops"}]}, "a[0].b"),
+])
+def test_syntax_errors_name_their_location(value: Any, location: str) -> None:
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_template(value)
+    assert info.value.location == location
+    assert isinstance(info.value, ExpressionSyntaxError)
+
+
+@pytest.mark.parametrize("shape", [
+    lambda part: part,
+    lambda part: {"a": {"b": part}},
+    lambda part: {"lines": [1, {"amount": "x " + part}]},
+    lambda part: [["x", part]],
+    lambda part: {7: ("y", {"z z": part})},
+])
+def test_syntax_error_location_is_spelled_like_expressions(shape: Callable[[str], Any]) -> None:
+    [(where, _)] = compile_template(shape("{{ 1 }}")).expressions()
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_template(shape("{{ 1 + }}"))
+    assert info.value.location == where
+
+
+def test_template_syntax_error_message_is_the_expressions() -> None:
+    with pytest.raises(TemplateSyntaxError) as info:
+        compile_template({"a": {"b": "{{ 1 + }}"}})
+    assert str(info.value) == "expected a value after '+' at column 4 in \"1 +\""
+    assert isinstance(info.value.__cause__, ExpressionSyntaxError)
+    assert not isinstance(info.value.__cause__, TemplateSyntaxError)
+    copied = pickle.loads(pickle.dumps(info.value))
+    assert (str(copied), copied.location) == (str(info.value), "a.b")

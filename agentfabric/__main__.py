@@ -1,0 +1,5 @@
+"""``python -m agentfabric`` runs the CLI."""
+
+from .cli import main
+
+main()

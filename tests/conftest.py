@@ -1,0 +1,47 @@
+"""Fixtures: the real embedded broker and a real Redis, started once per session on free
+ports and stopped by pid; per-test settings with their own topic prefix."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from agentfabric.settings import Settings
+from streams.embedded import EmbeddedStack, StackInfo, free_port, pid_alive
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    state_dir: Path = tmp_path_factory.mktemp("stack")
+    embedded = EmbeddedStack(state_dir, broker_port=free_port(), redis_port=free_port())
+    info = embedded.start()
+    try:
+        yield info
+    finally:
+        embedded.stop()
+        assert not pid_alive(info.broker.pid, info.broker.binary)
+        assert not pid_alive(info.redis.pid, info.redis.binary)
+
+
+@pytest.fixture
+def settings(stack: StackInfo, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for one test: the session stack, a topic prefix of its own."""
+    for var in ("AGENTFABRIC_BOOTSTRAP_SERVERS", "AGENTFABRIC_REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return Settings(bootstrap_servers=stack.bootstrap_servers, redis_url=stack.redis_url,
+                    topic_prefix=f"t{uuid.uuid4().hex[:10]}", partitions=3,
+                    fetch_max_wait_ms=10)
+
+
+@pytest.fixture
+async def redis_client(stack: StackInfo) -> AsyncIterator[object]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(stack.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

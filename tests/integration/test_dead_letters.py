@@ -1,0 +1,97 @@
+"""Malformed input lands on the dead-letter topic with a reason; good events around it finish."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agentfabric.settings import Settings
+from schemas.models import StepMessage, utc_now
+from streams.kafka import Outgoing, Producer
+from streams.topics import TopicNames
+
+from .helpers import (
+    cases,
+    check_results,
+    collect_dead_letters,
+    collect_results,
+    publish_cases,
+    running_worker,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _bad_messages(names: TopicNames) -> dict[bytes, Outgoing]:
+    crm = names.trigger("crm")
+    unknown_step_workflow = StepMessage(
+        run_id="r-1", workflow="no_such_workflow", workflow_version=1, step="normalise",
+        idempotency_key="r-1:normalise:0", input={}, event_id="e", source="crm",
+        event_type="lead.created", started_at=utc_now())
+    unknown_step = unknown_step_workflow.model_copy(update={
+        "run_id": "r-2", "workflow": "lead_enrichment", "step": "no_such_step",
+        "idempotency_key": "r-2:no_such_step:0"})
+    return {
+        b"not-json": Outgoing(crm, b"not-json", b"\x00\x01 this is not json"),
+        b"wrong-schema": Outgoing(crm, b"wrong-schema", json.dumps(
+            {"event_type": "lead.created", "payload": "should be an object",
+             "colour": "blue"}).encode()),
+        b"unknown-type": Outgoing(crm, b"unknown-type", json.dumps(
+            {"event_type": "lead.deleted", "payload": {"lead_id": "L-9"}}).encode()),
+        b"unknown-workflow": Outgoing(crm, b"unknown-workflow", json.dumps(
+            {"event_type": "lead.created", "workflow": "no_such_workflow",
+             "payload": {"lead_id": "L-9"}}).encode()),
+        b"r-1": Outgoing.of(names.step("lead_enrichment", "normalise"), "r-1",
+                            unknown_step_workflow),
+        b"r-2": Outgoing.of(names.step("lead_enrichment", "enrich"), "r-2", unknown_step),
+        b"bad-tool-args": Outgoing(names.trigger("erp"), b"bad-tool-args", json.dumps(
+            {"event_type": "invoice.posted", "payload": {
+                "invoice_id": "INV-X", "vendor_id": "V-1001", "amount": "lots",
+                "currency": "USD", "invoice_date": "2026-11-01",
+                "due_date": "2026-12-01"}}).encode()),
+    }
+
+
+EXPECTED_REASONS = {
+    b"not-json": ("DecodeError", "neither an agentfabric message nor JSON"),
+    b"wrong-schema": ("MessageValidationError", "payload: Input should be a valid dictionary"),
+    b"unknown-type": ("UnroutableEventError", "no workflow starts on event type 'lead.deleted'"),
+    b"unknown-workflow": ("UnknownWorkflowError", "workflow 'no_such_workflow' is not loaded"),
+    b"r-1": ("UnknownWorkflowError", "workflow 'no_such_workflow' is not loaded"),
+    b"r-2": ("UnknownStepError", "has no step 'no_such_step'"),
+    b"bad-tool-args": ("ToolError", "tool 'invoices.validate' rejected its arguments"),
+}
+
+
+async def test_malformed_events_are_dead_lettered_and_good_ones_complete(
+        settings: Settings) -> None:
+    names = TopicNames(settings.topic_prefix)
+    good = cases(40, seed=3)
+    bad = _bad_messages(names)
+    async with running_worker(settings):
+        await publish_cases(settings, good[:20])
+        producer = Producer(settings)
+        await producer.start()
+        try:
+            await producer.send_all(list(bad.values()))
+        finally:
+            await producer.stop()
+        await publish_cases(settings, good[20:])
+        letters = await collect_dead_letters(settings, len(bad))
+        results = [*await collect_results(settings, "lead_enrichment", 20),
+                   *await collect_results(settings, "invoice_triage", 20)]
+    check_results(good, results)
+    assert len(letters) == len(bad), [d.reason for d in letters]
+    # the bad tool call fails two steps into its run: it is keyed by the run, not the event
+    by_key = {b"bad-tool-args" if d.step == "validate" else d.key: d for d in letters}
+    for key, (error_type, fragment) in EXPECTED_REASONS.items():
+        letter = by_key[key]
+        assert letter.error_type == error_type, (key, letter.reason)
+        assert fragment in letter.reason, (key, letter.reason)
+        if key != b"bad-tool-args":
+            assert letter.value == bad[key].value, "the original bytes must be kept for replay"
+    assert by_key[b"r-2"].run_id == "r-2" and by_key[b"r-2"].step == "no_such_step"
+    tool_letter = by_key[b"bad-tool-args"]
+    assert tool_letter.workflow == "invoice_triage" and tool_letter.run_id is not None
+    assert "amount" in tool_letter.reason

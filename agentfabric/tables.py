@@ -12,7 +12,7 @@ from rich.text import Text
 
 from agentfabric.errors import PermanentError
 from agents.workflow import WorkflowSet
-from schemas.models import DeadLetter, RunResult
+from schemas.models import AvroModel, DeadLetter, RunResult, StepMessage, TriggerEvent
 from schemas.serde import decode, header_value
 from streams.topics import TopicNames
 
@@ -78,13 +78,13 @@ def _original(d: DeadLetter) -> str:
         return "(no value)"
     schema = header_value([(h.key, h.value) for h in d.headers], "af-schema")
     if schema is not None:
-        from schemas.models import StepMessage, TriggerEvent
-
-        model = {b"step_message": StepMessage, b"trigger_event": TriggerEvent}.get(
-            schema.rsplit(b".v", 1)[0])
+        models: dict[bytes, type[AvroModel]] = {b"step_message": StepMessage,
+                                                b"trigger_event": TriggerEvent}
+        model = models.get(schema.rsplit(b".v", 1)[0])
         if model is not None:
             try:
-                decoded = decode(d.value, [(h.key, h.value) for h in d.headers], model)
+                decoded: AvroModel = decode(d.value, [(h.key, h.value) for h in d.headers],
+                                            model)
             except PermanentError:
                 pass  # undecodable: shown raw below
             else:

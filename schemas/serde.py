@@ -118,6 +118,9 @@ def decode(value: bytes | None, headers: KafkaHeaders | None, model: type[M]) ->
     except Exception as exc:  # fastavro raises many unrelated types on corrupt bytes
         raise DecodeError(f"the bytes are not a valid '{schema_id}' record "
                           f"({type(exc).__name__}); the producer wrote something else") from exc
+    if not isinstance(record, dict):
+        raise DecodeError(f"'{schema_id}' did not decode to a record; the producer wrote "
+                          f"something else")
     try:
         return model.from_avro(record)
     except (ValidationError, ValueError) as exc:

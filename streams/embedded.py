@@ -217,7 +217,7 @@ class EmbeddedStack:
                ) -> tuple[ManagedProcess, subprocess.Popen[bytes]]:
         log_path = self.state_dir / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - fixed binaries, no shell
+            proc = subprocess.Popen(
                 [binary, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
         self._children[proc.pid] = proc

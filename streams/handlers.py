@@ -161,7 +161,7 @@ class StepHandler(Handler):
                 return [Outgoing.of(record.topic, message.run_id, retry, _trace_header(retry))]
             except AgentFabricError as exc:
                 return self._dead(record, exc, message)
-            except Exception as exc:  # a step's bug must not stop the consumer
+            except Exception as exc:  # noqa: BLE001 - a step's bug becomes a dead letter
                 return self._dead(record, exc, message)
             if isinstance(after, RunResult):
                 return [Outgoing.of(self.names.results(after.workflow), after.run_id, after)]

@@ -59,7 +59,7 @@ class RedisEmissionStore:
 
     async def recall(self, key: str) -> Recall:
         try:
-            entry = await self._redis.hgetall(self._prefix + key)  # type: ignore[misc]
+            entry = await self._redis.hgetall(self._prefix + key)
         except RedisError as exc:
             raise _unavailable(exc) from exc
         out = entry.get(b"out")
@@ -76,7 +76,7 @@ class RedisEmissionStore:
 
     async def acknowledge(self, key: str) -> None:
         try:
-            await self._redis.hset(self._prefix + key, "acked", "1")  # type: ignore[misc]
+            await self._redis.hset(self._prefix + key, "acked", "1")
         except RedisError as exc:
             raise _unavailable(exc) from exc
 

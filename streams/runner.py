@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 async def connect_redis(settings: Settings) -> Redis:
     redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     try:
-        await redis.ping()  # type: ignore[misc]
+        await redis.ping()
     except (RedisError, OSError) as exc:
         await redis.aclose()
         raise TransientError(f"cannot reach Redis at {settings.secret_free_redis_url} "

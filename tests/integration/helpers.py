@@ -126,7 +126,7 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 
 
 async def collect_results(settings: Settings, workflow: str, count: int,
-                          timeout: float = 60) -> list[RunResult]:
+                          within: float = 60) -> list[RunResult]:
     """Read the result topic until ``count`` distinct runs are there (all records kept)."""
     topic = TopicNames(settings.topic_prefix).results(workflow)
     found: list[RunResult] = []
@@ -139,12 +139,12 @@ async def collect_results(settings: Settings, workflow: str, count: int,
                 stop.set()
 
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(read(), timeout)
+        await asyncio.wait_for(read(), within)
     return found
 
 
 async def collect_dead_letters(settings: Settings, count: int,
-                               timeout: float = 30) -> list[DeadLetter]:
+                               within: float = 30) -> list[DeadLetter]:
     topic = TopicNames(settings.topic_prefix).dlq
     found: list[DeadLetter] = []
     stop = asyncio.Event()
@@ -156,7 +156,7 @@ async def collect_dead_letters(settings: Settings, count: int,
                 stop.set()
 
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(read(), timeout)
+        await asyncio.wait_for(read(), within)
     return found
 
 

@@ -91,7 +91,9 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_complete(
         assert fragment in letter.reason, (key, letter.reason)
         if key != b"bad-tool-args":
             assert letter.value == bad[key].value, "the original bytes must be kept for replay"
-    assert by_key[b"r-2"].run_id == "r-2" and by_key[b"r-2"].step == "no_such_step"
+    assert by_key[b"r-2"].run_id == "r-2"
+    assert by_key[b"r-2"].step == "no_such_step"
     tool_letter = by_key[b"bad-tool-args"]
-    assert tool_letter.workflow == "invoice_triage" and tool_letter.run_id is not None
+    assert tool_letter.workflow == "invoice_triage"
+    assert tool_letter.run_id is not None
     assert "amount" in tool_letter.reason

@@ -25,7 +25,8 @@ async def test_200_events_give_200_correct_results(settings: Settings) -> None:
     for result in results:
         assert result.status == "completed"
         assert result.usage.steps == len(result.path)
-        assert result.trace_parent is not None and result.trace_parent.startswith("00-")
+        assert result.trace_parent is not None
+        assert result.trace_parent.startswith("00-")
 
 
 async def test_redelivered_trigger_does_not_run_twice(settings: Settings) -> None:

@@ -39,8 +39,8 @@ def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
 
 
 async def _wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes],
-                         timeout: float = 60) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+                         within: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while text not in log.read_text(errors="replace"):
         assert proc.poll() is None, f"worker exited early:\n{log.read_text()}"
         assert asyncio.get_running_loop().time() < deadline, f"no '{text}':\n{log.read_text()}"

@@ -1,0 +1,174 @@
+"""Router and step handlers with the in-memory store: decoding, dead letters, emit-once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from agents.engine import Engine
+from agents.loader import load_workflows
+from schemas.models import DeadLetter, RunResult, StepMessage, TriggerEvent
+from schemas.serde import decode, encode
+from streams.handlers import RouterHandler, StepHandler
+from streams.idempotency import MemoryEmissionStore
+from streams.kafka import Outgoing
+from streams.topics import TopicNames
+from tools import default_registry
+
+NAMES = TopicNames("af")
+
+
+def record(topic: str, value: bytes | None, headers: list[tuple[str, bytes]] | None = None,
+           key: bytes | None = b"k", offset: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(topic=topic, partition=0, offset=offset, timestamp=0,
+                          timestamp_type=0, key=key, value=value, checksum=None,
+                          serialized_key_size=1, serialized_value_size=1,
+                          headers=tuple(headers or ()))
+
+
+@pytest.fixture
+def engine() -> Engine:
+    return Engine(load_workflows(), default_registry())
+
+
+@pytest.fixture
+def store() -> MemoryEmissionStore:
+    return MemoryEmissionStore()
+
+
+def lead_json(**extra: Any) -> bytes:
+    return json.dumps({"event_type": "lead.created", "event_id": "e1",
+                       "payload": {"lead_id": "L1", "email": "a@contoso.com"}, **extra}).encode()
+
+
+def only_dead_letter(messages: list[Outgoing]) -> DeadLetter:
+    assert [m.topic for m in messages] == ["af.dlq"]
+    return decode(messages[0].value, messages[0].headers, DeadLetter)
+
+
+async def test_router_accepts_plain_json_from_foreign_producers(
+        engine: Engine, store: MemoryEmissionStore) -> None:
+    router = RouterHandler(engine, NAMES, store)
+    handled = await router.handle(record("af.triggers.crm", lead_json()))
+    [out] = handled.messages
+    assert out.topic == "af.lead_enrichment.normalise"
+    message = decode(out.value, out.headers, StepMessage)
+    assert message.input["email"] == "a@contoso.com"
+    assert message.source == "crm"
+    assert dict(out.headers)["traceparent"] == message.trace_parent.encode()
+
+
+async def test_router_accepts_avro_and_keeps_incoming_trace(
+        engine: Engine, store: MemoryEmissionStore) -> None:
+    value, headers = encode(TriggerEvent(source="crm", event_type="lead.created",
+                                         payload={"email": "a@b.co"}))
+    trace = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    handled = await RouterHandler(engine, NAMES, store).handle(
+        record("af.triggers.crm", value, [*headers, ("traceparent", trace.encode())]))
+    message = decode(handled.messages[0].value, handled.messages[0].headers, StepMessage)
+    assert message.trace_parent is not None
+    assert message.trace_parent.split("-")[1] == "1" * 32
+
+
+@pytest.mark.parametrize(("value", "error", "fragment"), [
+    (b"\x00garbage", "DecodeError", "the value is neither an agentfabric message nor JSON"),
+    (b"[1, 2]", "MessageValidationError", "the event is a JSON list, not an object"),
+    (json.dumps({"event_type": "lead.created"}).encode(), "MessageValidationError",
+     "payload: Field required"),
+    (lead_json(source="erp"), "MessageValidationError",
+     "the event says source 'erp' but arrived on the trigger topic of 'crm'"),
+    (lead_json(event_type="lead.deleted"), "UnroutableEventError",
+     "no workflow starts on event type 'lead.deleted'"),
+    (lead_json(workflow="ghost"), "UnknownWorkflowError", "workflow 'ghost' is not loaded"),
+])
+async def test_router_dead_letters_bad_events(engine: Engine, store: MemoryEmissionStore,
+                                              value: bytes, error: str, fragment: str) -> None:
+    handled = await RouterHandler(engine, NAMES, store).handle(
+        record("af.triggers.crm", value, [("authorization", b"Bearer s3cret")]))
+    letter = only_dead_letter(handled.messages)
+    assert letter.error_type == error
+    assert fragment in letter.reason
+    assert letter.value == value
+    assert letter.consumer_group == "af.router"
+    assert letter.headers[0].value == b"[redacted]", "secrets never reach a dead letter"
+
+
+async def test_redelivery_after_ack_emits_nothing(engine: Engine,
+                                                  store: MemoryEmissionStore) -> None:
+    router = RouterHandler(engine, NAMES, store)
+    first = await router.handle(record("af.triggers.crm", lead_json()))
+    assert first.ack_key is not None
+    await store.acknowledge(first.ack_key)
+    again = await router.handle(record("af.triggers.crm", lead_json(), offset=1))
+    assert again.messages == []
+
+
+async def test_redelivery_before_ack_re_emits_the_same_bytes(
+        engine: Engine, store: MemoryEmissionStore) -> None:
+    router = RouterHandler(engine, NAMES, store)
+    first = await router.handle(record("af.triggers.crm", lead_json()))
+    again = await router.handle(record("af.triggers.crm", lead_json()))
+    assert again.messages == first.messages
+
+
+async def walk(engine: Engine, store: MemoryEmissionStore, value: bytes) -> list[Outgoing]:
+    """Route one event and run its steps until a result or a dead letter."""
+    messages = (await RouterHandler(engine, NAMES, store).handle(
+        record("af.triggers.erp", value))).messages
+    while messages and not messages[0].topic.startswith(("af.results.", "af.dlq")):
+        out = messages[0]
+        workflow, step = out.topic.split(".")[1:]
+        handler = StepHandler(engine, NAMES, store, workflow, step, max_attempts=3)
+        messages = (await handler.handle(record(out.topic, out.value, list(out.headers)))).messages
+    return messages
+
+
+async def test_step_handlers_carry_a_run_to_its_result(engine: Engine,
+                                                       store: MemoryEmissionStore) -> None:
+    value = json.dumps({"event_type": "invoice.posted", "payload": {
+        "invoice_id": "I1", "vendor_id": "V-1001", "amount": 100, "currency": "USD",
+        "invoice_date": "2026-11-01", "due_date": "2026-12-01"}}).encode()
+    [out] = await walk(engine, store, value)
+    assert out.topic == "af.results.invoice_triage"
+    result = decode(out.value, out.headers, RunResult)
+    assert result.output["queue"] == "auto-pay"
+
+
+async def test_step_failure_dead_letter_names_the_run(engine: Engine,
+                                                      store: MemoryEmissionStore) -> None:
+    value = json.dumps({"event_type": "invoice.posted", "payload": {
+        "invoice_id": "I1", "vendor_id": "V-1001", "amount": "lots", "currency": "USD",
+        "invoice_date": "2026-11-01", "due_date": "2026-12-01"}}).encode()
+    letter = only_dead_letter(await walk(engine, store, value))
+    assert letter.error_type == "ToolError"
+    assert letter.workflow == "invoice_triage"
+    assert letter.step == "validate"
+    assert letter.run_id is not None
+
+
+async def test_transient_step_failure_retries_then_dead_letters(
+        engine: Engine, store: MemoryEmissionStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentfabric.errors import TransientError
+
+    async def unavailable(*_: Any, **__: Any) -> Any:
+        raise TransientError("the CRM is unavailable")
+
+    monkeypatch.setattr(engine.tools, "call", unavailable)
+    [first] = (await RouterHandler(engine, NAMES, store).handle(
+        record("af.triggers.crm", lead_json()))).messages
+    normalise = StepHandler(engine, NAMES, store, "lead_enrichment", "normalise", 2)
+    [to_enrich] = (await normalise.handle(record(first.topic, first.value,
+                                                 list(first.headers)))).messages
+    enrich = StepHandler(engine, NAMES, store, "lead_enrichment", "enrich", 2)
+    [retry] = (await enrich.handle(record(to_enrich.topic, to_enrich.value,
+                                          list(to_enrich.headers)))).messages
+    assert retry.topic == to_enrich.topic
+    assert decode(retry.value, retry.headers, StepMessage).attempt == 2
+    handled = await enrich.handle(record(retry.topic, retry.value, list(retry.headers)))
+    letter = only_dead_letter(handled.messages)
+    assert letter.reason == ("the CRM is unavailable (gave up after 2 attempts; replay the "
+                             "dead letter once the cause is fixed)")
+    assert letter.attempts == 2

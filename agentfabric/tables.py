@@ -18,7 +18,7 @@ from streams.topics import TopicNames
 
 __all__ = ["dead_letters_table", "describe_dead_letter", "results_table", "workflows_table"]
 
-MAX_OUTPUT_COLUMNS = 8
+MAX_OUTPUT_COLUMNS = 7
 
 
 def _cell(value: Any) -> str:
@@ -47,8 +47,8 @@ def results_table(workflow: str, results: Sequence[RunResult]) -> Table:
             keys.extend(k for k in result.output if k not in keys)
     keys = keys[:MAX_OUTPUT_COLUMNS]
     table = Table(title=f"{workflow}: {len(results)} result{'s' if len(results) != 1 else ''}")
-    table.add_column("run")
-    table.add_column("event")
+    table.add_column("run", no_wrap=True, min_width=8)
+    table.add_column("event", no_wrap=True, min_width=12)
     for key in keys or ["output"]:
         table.add_column(key, no_wrap=True, overflow="ellipsis", max_width=28)
     table.add_column("steps", justify="right")

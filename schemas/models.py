@@ -41,6 +41,11 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _json_text(value: Any) -> str:
+    """Compact JSON keeping key order (workflows declare their output's order)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 class AvroModel(BaseModel):
     """A model that travels on a topic as an Avro record of the schema ``avro_name``."""
 
@@ -52,9 +57,9 @@ class AvroModel(BaseModel):
     def to_avro(self) -> dict[str, Any]:
         record = self.model_dump(mode="python")
         for name in self.json_fields:
-            record[name] = canonical_json(record[name])
+            record[name] = _json_text(record[name])
         for name in self.json_map_fields:
-            record[name] = {k: canonical_json(v) for k, v in record[name].items()}
+            record[name] = {k: _json_text(v) for k, v in record[name].items()}
         return record
 
     @classmethod

@@ -39,3 +39,28 @@ async def test_redelivered_trigger_does_not_run_twice(settings: Settings) -> Non
         again = await collect_results(settings, "lead_enrichment", 4)
     assert len(first) == 3
     assert len(again) == 4, "a redelivered event started its runs a second time"
+
+
+async def test_plain_json_from_a_foreign_producer_starts_runs(settings: Settings) -> None:
+    """A producer that knows nothing of agentfabric: raw aiokafka, JSON values, no headers."""
+    import json
+
+    from aiokafka import AIOKafkaProducer
+
+    from streams.topics import TopicNames
+
+    batch = cases(20, seed=5, first_id=500)
+    async with running_worker(settings):
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        await producer.start()
+        try:
+            for case in batch:
+                event = case.event.model_dump(mode="json", exclude={"source", "occurred_at"})
+                await producer.send_and_wait(
+                    TopicNames(settings.topic_prefix).trigger(case.event.source),
+                    json.dumps(event).encode(), key=case.event.event_id.encode())
+        finally:
+            await producer.stop()
+        results = [*await collect_results(settings, "lead_enrichment", 10),
+                   *await collect_results(settings, "invoice_triage", 10)]
+    check_results(batch, results)

@@ -26,8 +26,8 @@ __all__ = ["build_engine", "parse_events", "provision", "publish_events", "read_
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: "
-                                                    "%(message)s")
+    logging.basicConfig(level=level.upper(), force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 from collections.abc import Coroutine
@@ -20,7 +21,7 @@ __all__ = ["app", "main"]
 
 T = TypeVar("T")
 out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="agentfabric", no_args_is_help=True, add_completion=False,
@@ -232,7 +233,13 @@ def worker(
         await asyncio.wait([task, asyncio.create_task(stop.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            await asyncio.wait_for(task, s.shutdown_timeout_s)
+            try:
+                await asyncio.wait_for(task, s.shutdown_timeout_s)
+            except TimeoutError:
+                raise AgentFabricError(
+                    f"in-flight work did not finish within {s.shutdown_timeout_s:.0f}s "
+                    f"(AGENTFABRIC_SHUTDOWN_TIMEOUT_S); its messages were not committed and "
+                    f"will be redelivered") from None
         task.result()
 
     _run(serve())
@@ -259,6 +266,9 @@ def show_settings() -> None:
 
 
 def main() -> None:
+    # one-shot commands report failures as one error line; `worker` logs in full
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         app()
     except ConfigError as exc:

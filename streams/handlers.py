@@ -63,6 +63,9 @@ class Handler:
             return Handled()
         if stored is None:
             stored = await compute()
+            if stored and all(m.topic == self.names.dlq for m in stored):
+                # not remembered: replaying the dead letter after a fix must run it again
+                return Handled(stored)
             await self.store.remember(key, stored)
         return Handled(stored, key)
 

@@ -87,6 +87,8 @@ class Worker:
         finally:
             await producer.stop()
             await redis.aclose()
+            log.info("worker stopped: processed %d messages",
+                     sum(c.processed for c in self.consumers))
 
     async def _announce_ready(self, stop: asyncio.Event) -> None:
         waits = [asyncio.create_task(c.assigned.wait()) for c in self.consumers]

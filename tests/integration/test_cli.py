@@ -121,3 +121,28 @@ async def test_publish_results_and_dlq_commands(settings: Settings) -> None:
     missing = cli("dlq", "show", "zzzz", env=env)
     assert missing.returncode == 2
     assert "no dead letters match 'zzzz'" in missing.stderr
+
+
+async def test_topics_apply_creates_every_topic_with_configured_partitions(
+        settings: Settings) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    env = {**settings_env(settings), "AGENTFABRIC_PARTITIONS": "2"}
+    first = cli("topics", "apply", env=env)
+    assert first.returncode == 0, first.stderr
+    expected = cli("topics", "list", env=env).stdout.split()
+    assert f"{settings.topic_prefix}.lead_enrichment.enrich" in expected
+    assert f"{settings.topic_prefix}.results.invoice_triage" in expected
+    assert f"{settings.topic_prefix}.dlq" in expected
+    assert sorted(line.split()[-1] for line in first.stdout.splitlines()) == sorted(expected)
+    assert all(line.startswith("created") for line in first.stdout.splitlines())
+    again = cli("topics", "apply", env=env)
+    assert all(line.startswith("exists") for line in again.stdout.splitlines())
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        for topic in expected:
+            assert consumer.partitions_for_topic(topic) == {0, 1}, topic
+    finally:
+        await consumer.stop()

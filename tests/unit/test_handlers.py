@@ -172,3 +172,16 @@ async def test_transient_step_failure_retries_then_dead_letters(
     assert letter.reason == ("the CRM is unavailable (gave up after 2 attempts; replay the "
                              "dead letter once the cause is fixed)")
     assert letter.attempts == 2
+
+
+async def test_a_dead_lettered_event_is_not_remembered_so_replay_runs_it(
+        engine: Engine, store: MemoryEmissionStore) -> None:
+    router = RouterHandler(engine, NAMES, store)
+    event = lead_json(workflow="ghost")
+    first = await router.handle(record("af.triggers.crm", event))
+    assert first.ack_key is None
+    only_dead_letter(first.messages)
+    assert store.entries == {}
+    # the same bytes replayed after the cause is fixed are handled afresh, not swallowed
+    again = await router.handle(record("af.triggers.crm", event, offset=5))
+    assert only_dead_letter(again.messages).offset == 5

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from agents.engine import Engine
 from agents.loader import load_workflows
+from agents.models import ModelClient, load_registry
 from schemas.models import RunResult, TriggerEvent
 from schemas.serde import decode, validation_reason
 from streams.kafka import Outgoing, Producer
@@ -21,8 +22,8 @@ from tools import default_registry
 from .errors import ConfigError, MessageValidationError
 from .settings import Settings
 
-__all__ = ["build_engine", "parse_events", "provision", "publish_events", "read_results",
-           "resolve_trigger_topic", "setup_logging"]
+__all__ = ["build_engine", "build_models", "parse_events", "provision", "publish_events",
+           "read_results", "resolve_trigger_topic", "setup_logging"]
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -31,8 +32,15 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_models(settings: Settings) -> ModelClient:
+    return ModelClient(load_registry(settings.models_file), timeout_s=settings.model_timeout_s,
+                       max_retries=settings.model_max_retries)
+
+
+def build_engine(settings: Settings, models: ModelClient | None = None) -> Engine:
+    """The engine for the configured workflows, tools and model registry."""
     return Engine(load_workflows(settings.workflows_dir), default_registry(),
+                  models=models or build_models(settings),
                   max_steps_per_run=settings.max_steps_per_run)
 
 

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
                                                "Redis to re-emit on redelivery.")
     workflows_dir: Path | None = Field(
         default=None, description="Folder of workflow YAML files; default: the shipped samples.")
+    models_file: Path | None = Field(
+        default=None, description="Model registry YAML; default: the shipped agents/models.yaml.")
+    model_timeout_s: float = Field(default=30.0, gt=0, le=600,
+                                   description="Timeout of one model request.")
+    model_max_retries: int = Field(default=4, ge=0, le=20,
+                                   description="Retries of a model request on 429, 5xx, "
+                                               "timeouts (Retry-After is honoured).")
+    model_server_port: int = Field(default=18080, ge=0, le=65535,
+                                   description="Port of `agentfabric model-server`.")
     state_dir: Path = Field(default=Path(".agentfabric"),
                             description="Where `agentfabric up` keeps pids and logs.")
     broker_host: str = Field(default="127.0.0.1", description="Embedded broker listen address.")

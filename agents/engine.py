@@ -12,13 +12,15 @@ import hashlib
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from agentfabric.errors import ConfigError, PermanentError
-from schemas.models import RunResult, StepMessage, TriggerEvent, Usage, utc_now
+from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent, Usage, utc_now
+from schemas.serde import SCHEMA_HEADER, encode
 from tools.registry import ToolRegistry
 
+from .models import ModelClient
 from .steps import END, StepContext
-from .steps.tool import ToolStep
 from .workflow import Workflow, WorkflowSet, step_scope
 
 __all__ = ["RUN_NAMESPACE", "Engine", "idempotency_key", "run_id_for", "trace_parent_for"]
@@ -48,7 +50,7 @@ def trace_parent_for(run_id: str, key: str, incoming: str | None = None) -> str:
 def _add_usage(total: Usage, delta: Usage) -> Usage:
     return Usage(input_tokens=total.input_tokens + delta.input_tokens,
                  output_tokens=total.output_tokens + delta.output_tokens,
-                 cost_usd=round(total.cost_usd + delta.cost_usd, 8),
+                 cost_usd=round(total.cost_usd + delta.cost_usd, 10),
                  steps=total.steps + 1,
                  tool_calls=total.tool_calls + delta.tool_calls)
 
@@ -57,9 +59,11 @@ class Engine:
     """Runs loaded workflows one step at a time."""
 
     def __init__(self, workflows: WorkflowSet, tools: ToolRegistry, *,
-                 max_steps_per_run: int = 100, clock: Callable[[], datetime] = utc_now) -> None:
+                 models: ModelClient | None = None, max_steps_per_run: int = 100,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.workflows = workflows
         self.tools = tools
+        self.models = models
         self.max_steps_per_run = max_steps_per_run
         self.clock = clock
         self._check_tools()
@@ -67,10 +71,20 @@ class Engine:
     def _check_tools(self) -> None:
         for wf in self.workflows:
             for step in wf.steps:
-                if isinstance(step, ToolStep) and step.tool not in self.tools.names():
-                    raise ConfigError(
-                        f"{wf.file}: step '{step.id}': field 'tool': no tool named "
-                        f"'{step.tool}' is registered (known: {', '.join(self.tools.names())})")
+                for tool in step.tool_names():
+                    if tool not in self.tools.names():
+                        raise ConfigError(
+                            f"{wf.file}: step '{step.id}': field 'tool': no tool named "
+                            f"'{tool}' is registered (known: {', '.join(self.tools.names())})")
+                models = list(step.model_names())
+                if models and self.models is None:
+                    raise ConfigError(f"{wf.file}: step '{step.id}' calls a model, but no "
+                                      f"model client is configured")
+                if self.models is not None:
+                    try:
+                        self.models.check(models)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{wf.file}: step '{step.id}': {exc}") from exc
 
     def start(self, event: TriggerEvent, trace_parent: str | None = None) -> list[StepMessage]:
         """The first step message of every workflow this event starts."""
@@ -89,8 +103,9 @@ class Engine:
                 deadline=now + timedelta(seconds=wf.timeout_s) if wf.timeout_s else None))
         return messages
 
-    async def advance(self, msg: StepMessage) -> StepMessage | RunResult:
-        """Run the step ``msg`` names; return the next step's message or the run's result."""
+    async def advance(self, msg: StepMessage) -> StepMessage | RunResult | HandOff:
+        """Run the step ``msg`` names; return the next step's message, the run's result, or
+        a hand-off of the run to a person."""
         wf = self.workflows.get(msg.workflow, msg.workflow_version)
         step = wf.step(msg.step)
         if len(msg.path) >= self.max_steps_per_run:
@@ -103,26 +118,44 @@ class Engine:
                                  f"{msg.deadline.isoformat()} before step '{step.id}'; raise "
                                  f"the workflow's timeout_s or find what slowed it")
         outcome = await step.run(StepContext(message=msg, scope=step_scope(msg),
-                                             tools=self.tools))
+                                             tools=self.tools, models=self.models))
+        usage = _add_usage(msg.usage, outcome.usage)
+        step_usage = {**msg.step_usage,
+                      step.id: _add_usage(msg.step_usage.get(step.id, Usage()),
+                                          outcome.usage)}
+        if outcome.hand_off is not None:
+            return self._hand_off(msg.model_copy(update={"usage": usage,
+                                                         "step_usage": step_usage}),
+                                  outcome.hand_off, outcome.output)
         context = {**msg.context, step.id: outcome.output}
         path = [*msg.path, step.id]
-        usage = _add_usage(msg.usage, outcome.usage)
         target = outcome.next_step or step.next or wf.following(step.id)
         if target == END:
-            return self._result(wf, msg, context, path, usage, outcome.output)
+            return self._result(wf, msg, context, path, usage, step_usage, outcome.output)
         key = idempotency_key(msg.run_id, target, len(path))
         return msg.model_copy(update={
             "step": target, "attempt": 1, "idempotency_key": key, "context": context,
-            "path": path, "usage": usage,
+            "path": path, "usage": usage, "step_usage": step_usage,
             "trace_parent": trace_parent_for(msg.run_id, key, msg.trace_parent)})
 
+    def _hand_off(self, msg: StepMessage, reason: str, detail: Any) -> HandOff:
+        envelope, headers = encode(msg)
+        transcript = detail.get("transcript", []) if isinstance(detail, dict) else []
+        return HandOff(
+            hand_off_id=str(uuid.uuid5(RUN_NAMESPACE, msg.idempotency_key)), kind="hand_off",
+            reason=reason, run_id=msg.run_id, workflow=msg.workflow,
+            workflow_version=msg.workflow_version, step=msg.step, tenant=msg.tenant,
+            envelope=envelope, envelope_schema=dict(headers)[SCHEMA_HEADER].decode(),
+            transcript=transcript, created_at=self.clock())
+
     def _result(self, wf: Workflow, msg: StepMessage, context: dict[str, object],
-                path: list[str], usage: Usage, last_output: object) -> RunResult:
+                path: list[str], usage: Usage, step_usage: dict[str, Usage],
+                last_output: object) -> RunResult:
         finished = msg.model_copy(update={"context": context, "path": path})
         output = last_output if wf.output is None else wf.output.render(step_scope(finished))
         return RunResult(
             run_id=msg.run_id, workflow=msg.workflow, workflow_version=msg.workflow_version,
             tenant=msg.tenant, status="completed", output=output, context=context,
-            usage=usage, path=path, event_id=msg.event_id, source=msg.source,
+            usage=usage, step_usage=step_usage, path=path, event_id=msg.event_id, source=msg.source,
             event_type=msg.event_type, trace_parent=msg.trace_parent,
             started_at=msg.started_at, finished_at=self.clock())

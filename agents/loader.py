@@ -82,7 +82,7 @@ def _build_step(raw: Any, index: int, file: str) -> StepSpec:
     except ValidationError as exc:
         raise _pydantic_error(exc, file, label) from exc
     try:
-        step.compile()
+        step.compile(Path(file).parent)
     except WorkflowError as exc:
         raise WorkflowError(exc.detail, file=file, step=step.id, field=exc.field) from exc
     return step

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = [
     "AvroModel",
     "DeadLetter",
+    "HandOff",
     "Header",
     "RunResult",
     "StepMessage",
@@ -132,6 +133,7 @@ class StepMessage(AvroModel):
     started_at: datetime
     deadline: datetime | None = None
     usage: Usage = Field(default_factory=Usage)
+    step_usage: dict[str, Usage] = Field(default_factory=dict)
     path: list[str] = Field(default_factory=list)
 
 
@@ -150,6 +152,7 @@ class RunResult(AvroModel):
     output: Any
     context: dict[str, Any] = Field(default_factory=dict)
     usage: Usage = Field(default_factory=Usage)
+    step_usage: dict[str, Usage] = Field(default_factory=dict)
     path: list[str] = Field(default_factory=list)
     event_id: str
     source: str
@@ -157,6 +160,26 @@ class RunResult(AvroModel):
     trace_parent: str | None = None
     started_at: datetime
     finished_at: datetime
+
+
+class HandOff(AvroModel):
+    """A run handed to a person, with the envelope that resumes it."""
+
+    avro_name: ClassVar[str] = "hand_off"
+    json_fields: ClassVar[frozenset[str]] = frozenset({"transcript"})
+
+    hand_off_id: str
+    kind: str
+    reason: str
+    run_id: str
+    workflow: str
+    workflow_version: int
+    step: str
+    tenant: str = "default"
+    envelope: bytes
+    envelope_schema: str
+    transcript: list[Any] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=utc_now)
 
 
 class Header(BaseModel):

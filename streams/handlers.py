@@ -21,7 +21,7 @@ from agentfabric.errors import (
     TransientError,
 )
 from agents.engine import Engine
-from schemas.models import RunResult, StepMessage, TriggerEvent
+from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
 from schemas.serde import SCHEMA_HEADER, decode, header_value, validation_reason
 
 from .dlq import dead_letter
@@ -168,6 +168,8 @@ class StepHandler(Handler):
                 return self._dead(record, exc, message)
             if isinstance(after, RunResult):
                 return [Outgoing.of(self.names.results(after.workflow), after.run_id, after)]
+            if isinstance(after, HandOff):
+                return [Outgoing.of(self.names.approvals, after.run_id, after)]
             return [Outgoing.of(self.names.step(after.workflow, after.step), after.run_id, after,
                                 _trace_header(after))]
 

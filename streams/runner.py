@@ -87,6 +87,8 @@ class Worker:
         finally:
             await producer.stop()
             await redis.aclose()
+            if self.engine.models is not None:
+                await self.engine.models.close()
             log.info("worker stopped: processed %d messages",
                      sum(c.processed for c in self.consumers))
 

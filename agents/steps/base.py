@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +21,9 @@ from agents.expr import Expression, compile_expression
 from agents.template import Template, TemplateSyntaxError, compile_template
 from schemas.models import StepMessage, Usage
 from tools.registry import ToolRegistry
+
+if TYPE_CHECKING:
+    from agents.models import ModelClient
 
 __all__ = [
     "END",
@@ -42,6 +46,7 @@ class StepContext:
     message: StepMessage
     scope: dict[str, Any]
     tools: ToolRegistry
+    models: ModelClient | None = None
 
 
 @dataclass
@@ -51,6 +56,7 @@ class StepOutcome:
     output: Any
     next_step: str | None = None
     usage: Usage = field(default_factory=Usage)
+    hand_off: str | None = None  # a reason: the run goes to a person instead of on
 
 
 class StepSpec(BaseModel):
@@ -66,8 +72,17 @@ class StepSpec(BaseModel):
                                                        "finishes the run. Default: the next "
                                                        "step in the file.")
 
-    def compile(self) -> None:
-        """Parse expressions and templates; raise WorkflowError naming the field."""
+    def compile(self, base_dir: Path) -> None:
+        """Parse expressions and templates, read files beside the workflow (``base_dir``);
+        raise WorkflowError naming the field."""
+
+    def tool_names(self) -> Iterator[str]:
+        """The registered tools this step may call (checked when a worker starts)."""
+        return iter(())
+
+    def model_names(self) -> Iterator[str]:
+        """The registry models this step calls (checked when a worker starts)."""
+        return iter(())
 
     def expressions(self) -> Iterator[tuple[str, Expression]]:
         """Every compiled expression with its field path (for reference checks)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -32,7 +33,7 @@ class BranchStep(StepSpec):
     _conditions: list[Expression] = PrivateAttr(default_factory=list)
     _outputs: list[Template | None] = PrivateAttr(default_factory=list)
 
-    def compile(self) -> None:
+    def compile(self, base_dir: Path) -> None:
         self._conditions = [self._expression(f"cases[{i}].when", case.when)
                             for i, case in enumerate(self.cases)]
         self._outputs = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, PrivateAttr
@@ -23,11 +24,14 @@ class ToolStep(StepSpec):
     args: dict[str, Any] = Field(default_factory=dict)
     _args: Template = PrivateAttr()
 
-    def compile(self) -> None:
+    def compile(self, base_dir: Path) -> None:
         self._args = self._template("args", self.args)
 
     def expressions(self) -> Iterator[tuple[str, Expression]]:
         return self._template_expressions("args", self._args)
+
+    def tool_names(self) -> Iterator[str]:
+        yield self.tool
 
     async def run(self, ctx: StepContext) -> StepOutcome:
         msg = ctx.message

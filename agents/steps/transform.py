@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import PrivateAttr
@@ -20,7 +21,7 @@ class TransformStep(StepSpec):
     output: Any
     _output: Template = PrivateAttr()
 
-    def compile(self) -> None:
+    def compile(self, base_dir: Path) -> None:
         self._output = self._template("output", self.output)
 
     def expressions(self) -> Iterator[tuple[str, Expression]]:

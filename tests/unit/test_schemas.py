@@ -14,6 +14,7 @@ from agentfabric.errors import DecodeError, MessageValidationError
 from schemas.models import (
     AvroModel,
     DeadLetter,
+    HandOff,
     Header,
     RunResult,
     StepMessage,
@@ -31,7 +32,7 @@ STEP = StepMessage(
     context={"normalise": {"domain": "y.com"}}, event_id="e1", source="crm",
     event_type="lead.created", started_at=NOW, deadline=NOW + timedelta(minutes=5),
     usage=Usage(input_tokens=10, output_tokens=5, cost_usd=0.0012, steps=1, tool_calls=1),
-    path=["normalise"])
+    step_usage={"normalise": Usage(steps=1)}, path=["normalise"])
 SAMPLES: list[AvroModel] = [
     TriggerEvent(event_id="e1", source="crm", event_type="lead.created", tenant="acme",
                  occurred_at=NOW, payload={"lead_id": "L1", "nested": {"a": [1, "b"]}}),
@@ -43,6 +44,10 @@ SAMPLES: list[AvroModel] = [
                topic="af.triggers.crm", partition=1, offset=7, consumer_group="af.router",
                key=b"k", value=b"\x00raw", headers=[Header(key="h", value=b"v")],
                failed_at=NOW),
+    HandOff(hand_off_id="h1", kind="max_iterations", reason="the model kept calling tools",
+            run_id="r1", workflow="lead_enrichment", workflow_version=1, step="fit",
+            envelope=encode(STEP)[0], envelope_schema="step_message.v3",
+            transcript=[{"role": "user", "content": "hi"}], created_at=NOW),
 ]
 
 
@@ -54,7 +59,7 @@ def test_round_trip(model: AvroModel) -> None:
     assert decode(value, headers, type(model)) == model
 
 
-@pytest.mark.parametrize("model", [TriggerEvent, StepMessage, RunResult, DeadLetter])
+@pytest.mark.parametrize("model", [TriggerEvent, StepMessage, RunResult, DeadLetter, HandOff])
 def test_pydantic_twin_has_exactly_the_latest_schema_fields(model: type[AvroModel]) -> None:
     schema = schema_versions()[model.avro_name][latest_version(model.avro_name)]
     assert {f["name"] for f in schema["fields"]} == set(model.model_fields)
@@ -110,7 +115,7 @@ def test_event_id_defaults_to_a_content_hash() -> None:
     (b"x", [(SCHEMA_HEADER, b"run_result.v1")], DecodeError,
      "expected a step_message message but its header says 'run_result.v1'"),
     (b"x", [(SCHEMA_HEADER, b"step_message.v9")], DecodeError,
-     "schema 'step_message.v9' is not known to this worker (it knows versions [1, 2])"),
+     "schema 'step_message.v9' is not known to this worker (it knows versions [1, 2, 3])"),
     (b"\xff\xff\xff", [(SCHEMA_HEADER, b"step_message.v2")], DecodeError,
      "the bytes are not a valid 'step_message.v2' record"),
     (None, [(SCHEMA_HEADER, b"step_message.v2")], DecodeError, "the message has no value"),

@@ -1,0 +1,224 @@
+"""The model registry and the model client.
+
+The registry (YAML, ``AGENTFABRIC_MODELS_FILE``, default ``agents/models.yaml``) names
+providers (an OpenAI-compatible base URL and the environment variable that holds its key)
+and models (provider, the provider's model id, price per million input and output tokens).
+The client is the openai async client; rate limits, server errors, timeouts and lost
+connections retry with backoff that honours ``Retry-After``, then become a TransientError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agentfabric.errors import ConfigError, PermanentError, TransientError
+from schemas.models import Usage
+
+__all__ = ["ChatResult", "ModelClient", "ModelRegistry", "ModelSpec", "ProviderSpec",
+           "RequestedToolCall", "load_registry"]
+
+MAX_BACKOFF_S = 20.0
+MAX_RETRY_AFTER_S = 60.0
+
+
+class ProviderSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    base_url: str = Field(pattern=r"^https?://")
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    provider: str
+    model: str
+    input_usd_per_mtok: float = Field(default=0.0, ge=0)
+    output_usd_per_mtok: float = Field(default=0.0, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0, le=20)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return round((input_tokens * self.input_usd_per_mtok
+                      + output_tokens * self.output_usd_per_mtok) / 1_000_000, 10)
+
+
+class ModelRegistry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    providers: dict[str, ProviderSpec]
+    models: dict[str, ModelSpec]
+
+    def model_post_init(self, _context: Any) -> None:
+        for name, spec in self.models.items():
+            if spec.provider not in self.providers:
+                raise ValueError(f"model '{name}' names provider '{spec.provider}', which is "
+                                 f"not in providers ({', '.join(self.providers)})")
+
+    def get(self, name: str) -> ModelSpec:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ConfigError(f"no model named '{name}' in the model registry (models: "
+                              f"{', '.join(sorted(self.models))}); add it to the models "
+                              f"file or fix the step") from None
+
+
+def load_registry(path: Path | None = None) -> ModelRegistry:
+    """Read the registry file (default: the shipped ``agents/models.yaml``)."""
+    source = path or Path(str(resources.files("agents").joinpath("models.yaml")))
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{source}: cannot read the model registry ({exc})") from exc
+    try:
+        return ModelRegistry.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{source}: field '{where}': {err['msg']}") from exc
+
+
+@dataclass(frozen=True)
+class RequestedToolCall:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class ChatResult:
+    content: str | None
+    tool_calls: list[RequestedToolCall]
+    usage: Usage
+    message: dict[str, Any] = field(default_factory=dict)  # the assistant turn to append
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return min(max(float(value) * scale, 0.0), MAX_RETRY_AFTER_S)
+            except ValueError:
+                continue
+    return None
+
+
+class ModelClient:
+    """Chat completions through the openai async client, with retries and cost accounting."""
+
+    def __init__(self, registry: ModelRegistry, *, timeout_s: float = 30.0,
+                 max_retries: int = 4, sleep: Sleep = asyncio.sleep,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.registry = registry
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self._sleep = sleep
+        self._env = os.environ if env is None else env
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+
+    def check(self, names: Sequence[str]) -> None:
+        """Fail at start-up if a model is unknown or its provider's key is not set."""
+        for name in names:
+            spec = self.registry.get(name)
+            provider = self.registry.providers[spec.provider]
+            if provider.api_key_env and not self._env.get(provider.api_key_env):
+                raise ConfigError(f"model '{name}' (provider '{spec.provider}') needs its API "
+                                  f"key in ${provider.api_key_env}, which is not set")
+
+    def _client(self, provider_name: str) -> openai.AsyncOpenAI:
+        if provider_name not in self._clients:
+            provider = self.registry.providers[provider_name]
+            key = self._env.get(provider.api_key_env, "") if provider.api_key_env else ""
+            self._clients[provider_name] = openai.AsyncOpenAI(
+                base_url=provider.base_url, api_key=key or "unused", max_retries=0,
+                timeout=self.timeout_s)
+        return self._clients[provider_name]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    async def chat(self, model: str, messages: list[dict[str, Any]], *,
+                   tools: list[dict[str, Any]] | None = None,
+                   response_format: dict[str, Any] | None = None,
+                   headers: Mapping[str, str] | None = None) -> ChatResult:
+        spec = self.registry.get(model)
+        client = self._client(spec.provider)
+        kwargs: dict[str, Any] = {"model": spec.model, "messages": messages,
+                                  "extra_headers": dict(headers or {}),
+                                  "timeout": spec.timeout_s or self.timeout_s}
+        if tools:
+            kwargs["tools"] = tools
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        retries = self.max_retries if spec.max_retries is None else spec.max_retries
+        attempt = 0
+        while True:
+            try:
+                completion = await client.chat.completions.create(**kwargs)
+                break
+            except (openai.RateLimitError, openai.InternalServerError,
+                    openai.APITimeoutError, openai.APIConnectionError) as exc:
+                if attempt >= retries:
+                    raise TransientError(
+                        f"model '{model}' failed {attempt + 1} times ({_describe(exc)}); the "
+                        f"step will be retried later") from exc
+                delay = _retry_after(exc) if isinstance(exc, openai.APIStatusError) else None
+                if delay is None:
+                    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** attempt) * random.uniform(0.8, 1.2)
+                attempt += 1
+                await self._sleep(delay)
+            except openai.APIStatusError as exc:
+                raise PermanentError(f"model '{model}' rejected the request "
+                                     f"({_describe(exc)}); fix the step or the model "
+                                     f"registry, then replay") from exc
+        return _result(spec, completion)
+
+
+def _describe(exc: openai.OpenAIError) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {exc.message}"
+    return type(exc).__name__
+
+
+def _result(spec: ModelSpec, completion: Any) -> ChatResult:
+    if not completion.choices:
+        raise TransientError("the model returned no choices; the step will be retried")
+    message = completion.choices[0].message
+    calls = [RequestedToolCall(c.id, c.function.name, c.function.arguments or "{}")
+             for c in (message.tool_calls or []) if getattr(c, "function", None) is not None]
+    usage = completion.usage
+    input_tokens = usage.prompt_tokens if usage else 0
+    output_tokens = usage.completion_tokens if usage else 0
+    turn: dict[str, Any] = {"role": "assistant", "content": message.content}
+    if calls:
+        turn["tool_calls"] = [{"id": c.id, "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments}}
+                              for c in calls]
+    return ChatResult(
+        content=message.content, tool_calls=calls,
+        usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens,
+                    cost_usd=spec.cost(input_tokens, output_tokens)),
+        message=turn)
+
+
+def tool_result_text(value: Any) -> str:
+    """How a tool's result is fed back to the model: compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"),
+                                                           default=str)

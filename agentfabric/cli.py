@@ -255,6 +255,42 @@ def demo(keep: Annotated[bool, typer.Option(help="Leave the stack running afterw
     raise typer.Exit(_run(run_demo(_settings(), out, keep=keep)))
 
 
+@app.command("model-server")
+def model_server(
+    script: Annotated[Path | None, typer.Option(help="YAML script of behaviours; default: the "
+                                                     "shipped demo script.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default AGENTFABRIC_MODEL_SERVER_PORT)"
+                                                  "; 0 picks a free one.")] = None,
+) -> None:
+    """Serve a local OpenAI-compatible model (chat with tool calls, embeddings, usage) driven by
+    a deterministic script, with latency and fault injection. For tests and offline demos."""
+    from agents.model_script import ModelScript
+    from agents.model_server import serve
+
+    s = _settings()
+    loaded = ModelScript.load(script or _demo_script())
+
+    async def run() -> None:
+        handle = await serve(loaded, port=s.model_server_port if port is None else port)
+        out.print(f"model server on {handle.url} (script {script or 'demo'}); Ctrl-C stops it")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await handle.close()
+
+    _run(run())
+
+
+def _demo_script() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("agents").joinpath("model_scripts", "demo.yaml")))
+
+
 @app.command("settings")
 def show_settings() -> None:
     """Print every setting with its current value and its environment variable."""

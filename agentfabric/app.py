@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from agents.engine import Engine
 from agents.loader import load_workflows
 from agents.models import ModelClient, load_registry
-from schemas.models import RunResult, TriggerEvent
+from schemas.models import RunResult, StepRecording, TriggerEvent
 from schemas.serde import decode, validation_reason
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_topic
@@ -23,7 +23,7 @@ from .errors import ConfigError, MessageValidationError
 from .settings import Settings
 
 __all__ = ["build_engine", "build_models", "parse_events", "provision", "publish_events",
-           "read_results", "resolve_trigger_topic", "setup_logging"]
+           "read_recordings", "read_results", "resolve_trigger_topic", "setup_logging"]
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -41,7 +41,7 @@ def build_engine(settings: Settings, models: ModelClient | None = None) -> Engin
     """The engine for the configured workflows, tools and model registry."""
     return Engine(load_workflows(settings.workflows_dir), default_registry(),
                   models=models or build_models(settings),
-                  max_steps_per_run=settings.max_steps_per_run)
+                  max_steps_per_run=settings.max_steps_per_run, record_all=settings.record_runs)
 
 
 async def provision(settings: Settings, engine: Engine) -> dict[str, str]:
@@ -105,6 +105,16 @@ async def publish_events(settings: Settings, topic: str, events: Sequence[Trigge
     finally:
         await producer.stop()
     return len(events)
+
+
+async def read_recordings(settings: Settings, run_id: str) -> list[StepRecording]:
+    """Every recorded step of ``run_id`` (scans the recordings topic)."""
+    topic = TopicNames(settings.topic_prefix).recordings
+    found = []
+    async for record in read_topic(settings, topic):
+        if record.key == run_id.encode():
+            found.append(decode(record.value, record.headers, StepRecording))
+    return found
 
 
 async def read_results(settings: Settings, workflow: str, *, follow: bool = False,

@@ -31,10 +31,12 @@ app = typer.Typer(
          "consumers; results land on result topics and failures on a dead-letter topic.\n\n"
          "Quick start: `agentfabric demo`. Settings come from AGENTFABRIC_* environment "
          "variables (see `agentfabric settings`).")
+runs_app = typer.Typer(no_args_is_help=True, help="Recorded runs: replay them.")
 topics_app = typer.Typer(no_args_is_help=True, help="Create and list the fabric's topics.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect the dead-letter topic.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(runs_app, name="runs")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -253,6 +255,37 @@ def demo(keep: Annotated[bool, typer.Option(help="Leave the stack running afterw
     from .demo import run_demo
 
     raise typer.Exit(_run(run_demo(_settings(), out, keep=keep)))
+
+
+@runs_app.command("replay")
+def runs_replay(run_id: Annotated[str, typer.Argument(help="The run id (see `results`).")],
+                ) -> None:
+    """Re-execute a recorded run against its recorded model and tool answers and compare
+    every step's output byte for byte; exit 1 if any differs."""
+    from agents.replay import replay_run
+
+    from .app import build_engine, read_recordings
+
+    s = _settings()
+
+    async def replay() -> list[Any]:
+        engine = build_engine(s)
+        try:
+            return await replay_run(engine, await read_recordings(s, run_id))
+        finally:
+            if engine.models is not None:
+                await engine.models.close()
+
+    steps = _run(replay())
+    for step in steps:
+        verdict = "identical" if step.identical else "DIFFERENT"
+        out.print(f"{step.step:24} {len(step.replayed):6} bytes  {verdict}")
+        if not step.identical:
+            out.print(f"  recorded: {step.recorded}\n  replayed: {step.replayed}")
+    same = sum(s.identical for s in steps)
+    out.print(f"{same}/{len(steps)} step outputs byte-identical")
+    if same != len(steps):
+        raise typer.Exit(1)
 
 
 @app.command("model-server")

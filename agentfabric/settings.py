@@ -49,6 +49,9 @@ class Settings(BaseSettings):
                                                "Redis to re-emit on redelivery.")
     workflows_dir: Path | None = Field(
         default=None, description="Folder of workflow YAML files; default: the shipped samples.")
+    record_runs: bool = Field(default=False,
+                              description="Record every run's model and tool interactions "
+                                          "(workflows can also say `record: true`).")
     models_file: Path | None = Field(
         default=None, description="Model registry YAML; default: the shipped agents/models.yaml.")
     model_timeout_s: float = Field(default=30.0, gt=0, le=600,

@@ -11,19 +11,30 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from agentfabric.errors import ConfigError, PermanentError
-from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent, Usage, utc_now
+from schemas.models import (
+    HandOff,
+    RunResult,
+    StepMessage,
+    StepRecording,
+    TriggerEvent,
+    Usage,
+    utc_now,
+)
 from schemas.serde import SCHEMA_HEADER, encode
 from tools.registry import ToolRegistry
 
 from .models import ModelClient
-from .steps import END, StepContext
+from .recording import InteractionLog, Replay, output_bytes
+from .steps import END, StepContext, StepOutcome, StepSpec
 from .workflow import Workflow, WorkflowSet, step_scope
 
-__all__ = ["RUN_NAMESPACE", "Engine", "idempotency_key", "run_id_for", "trace_parent_for"]
+__all__ = ["RUN_NAMESPACE", "Engine", "StepRun", "idempotency_key", "run_id_for",
+           "trace_parent_for"]
 
 RUN_NAMESPACE = uuid.UUID("6f1c2b1e-8f0a-4e57-9a43-0c0f3b8e5d21")
 
@@ -55,12 +66,22 @@ def _add_usage(total: Usage, delta: Usage) -> Usage:
                  tool_calls=total.tool_calls + delta.tool_calls)
 
 
+@dataclass
+class StepRun:
+    """What running one step gave: where the run goes, the step's output, its recording."""
+
+    next: StepMessage | RunResult | HandOff
+    output: Any
+    recording: StepRecording | None = None
+
+
 class Engine:
     """Runs loaded workflows one step at a time."""
 
     def __init__(self, workflows: WorkflowSet, tools: ToolRegistry, *,
                  models: ModelClient | None = None, max_steps_per_run: int = 100,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 record_all: bool = False, clock: Callable[[], datetime] = utc_now) -> None:
+        self.record_all = record_all
         self.workflows = workflows
         self.tools = tools
         self.models = models
@@ -106,6 +127,12 @@ class Engine:
     async def advance(self, msg: StepMessage) -> StepMessage | RunResult | HandOff:
         """Run the step ``msg`` names; return the next step's message, the run's result, or
         a hand-off of the run to a person."""
+        return (await self.run_step(msg)).next
+
+    async def run_step(self, msg: StepMessage, *,
+                       replay: list[dict[str, Any]] | None = None) -> StepRun:
+        """Run one step. With ``replay``, model and tool calls are answered from that
+        recording (and the deadline is not checked: a replay runs after the fact)."""
         wf = self.workflows.get(msg.workflow, msg.workflow_version)
         step = wf.step(msg.step)
         if len(msg.path) >= self.max_steps_per_run:
@@ -113,12 +140,30 @@ class Engine:
                 f"run {msg.run_id} has executed {len(msg.path)} steps, the limit "
                 f"(AGENTFABRIC_MAX_STEPS_PER_RUN); check the workflow for a loop")
         now = self.clock()
-        if msg.deadline is not None and now > msg.deadline:
+        if replay is None and msg.deadline is not None and now > msg.deadline:
             raise PermanentError(f"run {msg.run_id} passed its deadline "
                                  f"{msg.deadline.isoformat()} before step '{step.id}'; raise "
                                  f"the workflow's timeout_s or find what slowed it")
-        outcome = await step.run(StepContext(message=msg, scope=step_scope(msg),
-                                             tools=self.tools, models=self.models))
+        calls: InteractionLog | Replay = (
+            InteractionLog(self.models, self.tools) if replay is None
+            else Replay(self.tools, replay, step.id))
+        outcome = await step.run(StepContext(message=msg, scope=step_scope(msg), tools=calls,
+                                             models=calls))
+        if isinstance(calls, Replay):
+            calls.finished()
+        recording = None
+        if replay is None and (wf.record or self.record_all):
+            envelope, headers = encode(msg)
+            recording = StepRecording(
+                run_id=msg.run_id, workflow=msg.workflow, workflow_version=msg.workflow_version,
+                step=step.id, idempotency_key=msg.idempotency_key, envelope=envelope,
+                envelope_schema=dict(headers)[SCHEMA_HEADER].decode(),
+                interactions=calls.entries, output=output_bytes(outcome.output),
+                recorded_at=now)
+        return StepRun(self._next(wf, step, msg, outcome), outcome.output, recording)
+
+    def _next(self, wf: Workflow, step: StepSpec, msg: StepMessage,
+              outcome: StepOutcome) -> StepMessage | RunResult | HandOff:
         usage = _add_usage(msg.usage, outcome.usage)
         step_usage = {**msg.step_usage,
                       step.id: _add_usage(msg.step_usage.get(step.id, Usage()),
@@ -156,6 +201,7 @@ class Engine:
         return RunResult(
             run_id=msg.run_id, workflow=msg.workflow, workflow_version=msg.workflow_version,
             tenant=msg.tenant, status="completed", output=output, context=context,
-            usage=usage, step_usage=step_usage, path=path, event_id=msg.event_id, source=msg.source,
+            usage=usage, step_usage=step_usage, path=path, event_id=msg.event_id,
+            source=msg.source,
             event_type=msg.event_type, trace_parent=msg.trace_parent,
             started_at=msg.started_at, finished_at=self.clock())

@@ -36,6 +36,8 @@ class _WorkflowFile(BaseModel):
     steps: list[dict[str, Any]] = Field(min_length=1)
     output: Any = None
     timeout_s: float | None = Field(default=None, gt=0)
+    record: bool = Field(default=False, description="Record model and tool interactions so "
+                                                    "`agentfabric runs replay` can re-run.")
 
 
 def sample_workflows_dir() -> Path:
@@ -147,7 +149,7 @@ def parse_workflow(data: Any, file: str) -> Workflow:
         _check_references(file, None, "trigger.when", when, set())
     return Workflow(name=doc.name, version=doc.version, description=doc.description,
                     trigger=doc.trigger, steps=steps, file=file, output=output, when=when,
-                    timeout_s=doc.timeout_s)
+                    timeout_s=doc.timeout_s, record=doc.record)
 
 
 def load_workflow(path: Path) -> Workflow:

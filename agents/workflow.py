@@ -61,6 +61,7 @@ class Workflow:
     output: Template | None = None
     when: Expression | None = None
     timeout_s: float | None = None
+    record: bool = False
     _by_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

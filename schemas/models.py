@@ -21,6 +21,7 @@ __all__ = [
     "Header",
     "RunResult",
     "StepMessage",
+    "StepRecording",
     "TriggerEvent",
     "Usage",
     "canonical_json",
@@ -180,6 +181,24 @@ class HandOff(AvroModel):
     envelope_schema: str
     transcript: list[Any] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=utc_now)
+
+
+class StepRecording(AvroModel):
+    """One step of a recorded run: its incoming envelope, its interactions, its output."""
+
+    avro_name: ClassVar[str] = "step_recording"
+    json_fields: ClassVar[frozenset[str]] = frozenset({"interactions"})
+
+    run_id: str
+    workflow: str
+    workflow_version: int
+    step: str
+    idempotency_key: str
+    envelope: bytes
+    envelope_schema: str
+    interactions: list[dict[str, Any]] = Field(default_factory=list)
+    output: str  # canonical JSON text of the output: what replay compares byte for byte
+    recorded_at: datetime = Field(default_factory=utc_now)
 
 
 class Header(BaseModel):

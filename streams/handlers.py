@@ -153,7 +153,7 @@ class StepHandler(Handler):
 
         async def compute() -> list[Outgoing]:
             try:
-                after = await self.engine.advance(message)
+                run = await self.engine.run_step(message)
             except TransientError as exc:
                 if message.attempt >= self.max_attempts:
                     exhausted = TransientError(
@@ -166,11 +166,17 @@ class StepHandler(Handler):
                 return self._dead(record, exc, message)
             except Exception as exc:  # noqa: BLE001 - a step's bug becomes a dead letter
                 return self._dead(record, exc, message)
-            if isinstance(after, RunResult):
-                return [Outgoing.of(self.names.results(after.workflow), after.run_id, after)]
-            if isinstance(after, HandOff):
-                return [Outgoing.of(self.names.approvals, after.run_id, after)]
-            return [Outgoing.of(self.names.step(after.workflow, after.step), after.run_id, after,
-                                _trace_header(after))]
+            out = [self._route(run.next)]
+            if run.recording is not None:
+                out.append(Outgoing.of(self.names.recordings, message.run_id, run.recording))
+            return out
 
         return await self._once(f"step:{message.idempotency_key}:{message.attempt}", compute)
+
+    def _route(self, after: StepMessage | RunResult | HandOff) -> Outgoing:
+        if isinstance(after, RunResult):
+            return Outgoing.of(self.names.results(after.workflow), after.run_id, after)
+        if isinstance(after, HandOff):
+            return Outgoing.of(self.names.approvals, after.run_id, after)
+        return Outgoing.of(self.names.step(after.workflow, after.step), after.run_id, after,
+                           _trace_header(after))

@@ -4,7 +4,8 @@
     <prefix>.<workflow>.<step>     a run waiting for that step
     <prefix>.results.<workflow>    finished runs
     <prefix>.dlq                   dead letters
-    <prefix>.approvals             runs handed to a person (later issues)
+    <prefix>.approvals             runs handed to a person
+    <prefix>.recordings            recorded steps of recorded runs (for replay)
 
 One consumer group per step (named like its topic) and one for the router.
 """
@@ -46,6 +47,10 @@ class TopicNames:
         return f"{self.prefix}.approvals"
 
     @property
+    def recordings(self) -> str:
+        return f"{self.prefix}.recordings"
+
+    @property
     def router_group(self) -> str:
         return f"{self.prefix}.router"
 
@@ -60,7 +65,7 @@ class TopicNames:
 
 def required_topics(workflows: WorkflowSet, names: TopicNames) -> list[str]:
     """Every topic the loaded workflows read or write."""
-    topics = {names.dlq, names.approvals}
+    topics = {names.dlq, names.approvals, names.recordings}
     topics.update(names.trigger(source) for source in workflows.sources())
     for name in workflows.names():
         topics.add(names.results(name))

@@ -20,10 +20,9 @@ from agentfabric.errors import ExpressionSyntaxError, WorkflowError
 from agents.expr import Expression, compile_expression
 from agents.template import Template, TemplateSyntaxError, compile_template
 from schemas.models import StepMessage, Usage
-from tools.registry import ToolRegistry
 
 if TYPE_CHECKING:
-    from agents.models import ModelClient
+    from agents.recording import ChatModel, ToolCaller
 
 __all__ = [
     "END",
@@ -45,8 +44,8 @@ class StepContext:
 
     message: StepMessage
     scope: dict[str, Any]
-    tools: ToolRegistry
-    models: ModelClient | None = None
+    tools: ToolCaller
+    models: ChatModel | None = None
 
 
 @dataclass

@@ -176,3 +176,40 @@ async def test_server_errors_retry_then_become_transient(server: ModelServerHand
     engine.models.max_retries = 1
     with pytest.raises(TransientError, match=r"model 'local-test' failed 2 times \(HTTP 500"):
         await run_step(engine)
+
+
+async def test_a_recorded_run_replays_to_byte_identical_outputs(
+        server: ModelServerHandle, engine: Engine) -> None:
+    from agents.replay import replay_run
+
+    await use_script(server, [lookup("contoso.com"), lookup("litware.com"), FINAL])
+    engine.record_all = True
+    [message] = engine.start(TriggerEvent(
+        source="crm", event_type="lead.created",
+        payload={"domain": "contoso.com", "title": "VP Sales"}))
+    run = await engine.run_step(message)
+    assert run.recording is not None
+    assert [e["kind"] for e in run.recording.interactions] == [
+        "model", "tool", "model", "tool", "model"]
+    # the model now answers differently, then disappears: the replay needs neither
+    await use_script(server, [{"content": '{"fit": "low", "reason": "changed"}'}])
+    await server.close()
+    [step] = await replay_run(engine, [run.recording])
+    assert step.identical
+    assert step.replayed == '{"fit":"high","reason":"Litware Inc is large"}'
+
+
+async def test_a_replay_that_takes_another_path_is_reported(
+        server: ModelServerHandle, engine: Engine) -> None:
+    from agents.recording import ReplayDivergence
+    from agents.replay import replay_run
+
+    await use_script(server, [lookup("contoso.com"), FINAL])
+    engine.record_all = True
+    [message] = engine.start(TriggerEvent(source="crm", event_type="lead.created",
+                                          payload={"domain": "contoso.com", "title": "x"}))
+    run = await engine.run_step(message)
+    assert run.recording is not None
+    tampered = run.recording.model_copy(update={"interactions": run.recording.interactions[:1]})
+    with pytest.raises(ReplayDivergence, match=r"made call 2 .*the recording has only 1"):
+        await replay_run(engine, [tampered])

@@ -1,0 +1,51 @@
+"""Replay a recorded run: re-execute its steps against the recorded model and tool answers
+and compare every step's output with the recorded bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agentfabric.errors import PermanentError
+from schemas.models import StepMessage, StepRecording
+from schemas.serde import SCHEMA_HEADER, decode
+
+from .engine import Engine
+from .recording import ReplayDivergence, output_bytes
+
+__all__ = ["ReplayedStep", "replay_run"]
+
+
+@dataclass(frozen=True)
+class ReplayedStep:
+    step: str
+    idempotency_key: str
+    recorded: str
+    replayed: str
+
+    @property
+    def identical(self) -> bool:
+        return self.recorded == self.replayed
+
+
+async def replay_run(engine: Engine, recordings: list[StepRecording]) -> list[ReplayedStep]:
+    """Follow the run from its first recorded step; each step must have a recording."""
+    if not recordings:
+        raise PermanentError("no recording for this run; set `record: true` on the workflow "
+                             "(or AGENTFABRIC_RECORD_RUNS=true) and run it again")
+    by_key = {r.idempotency_key: r for r in recordings}
+    first = min(recordings, key=lambda r: int(r.idempotency_key.rsplit(":", 1)[-1]))
+    message: StepMessage | None = decode(
+        first.envelope, [(SCHEMA_HEADER, first.envelope_schema.encode())], StepMessage)
+    replayed: list[ReplayedStep] = []
+    while isinstance(message, StepMessage):
+        recording = by_key.get(message.idempotency_key)
+        if recording is None:
+            raise ReplayDivergence(f"the replay reached step '{message.step}' "
+                                   f"({message.idempotency_key}), which the recording never "
+                                   f"ran; the run took another path")
+        run = await engine.run_step(message, replay=recording.interactions)
+        replayed.append(ReplayedStep(message.step, message.idempotency_key, recording.output,
+                                     output_bytes(run.output)))
+        nxt = run.next
+        message = nxt if isinstance(nxt, StepMessage) else None
+    return replayed

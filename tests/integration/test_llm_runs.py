@@ -1,0 +1,132 @@
+"""llm steps through the real fabric: recorded runs replayed by the CLI, hand-offs on the
+approvals topic. The model is the local scripted server, reached by the real openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agentfabric.settings import Settings
+from agents.engine import run_id_for
+from agents.model_script import ModelScript
+from agents.model_server import ModelServerHandle, serve
+from schemas.models import HandOff, TriggerEvent
+from schemas.serde import decode
+from streams.reader import read_topic
+from streams.topics import TopicNames
+
+from .helpers import collect_results, running_worker
+from .test_cli import cli, settings_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+SCRIPT = {"rules": [
+    {"match": {"workflow": "fit_check", "user_contains": "loop.example"},
+     "turns": [{"tool_calls": [{"name": "accounts.lookup",
+                                "arguments": {"domain": "contoso.com"}}]}]},
+    {"match": {"workflow": "fit_check"},
+     "turns": [{"tool_calls": [{"name": "accounts.lookup",
+                                "arguments": {"domain": "{{ user_json.domain }}"}}]},
+               {"content": {"fit": "{{ 'high' if tool_results[-1].employees >= 1000 "
+                                   "else 'low' }}",
+                            "account": "{{ tool_results[-1].name }}"}}]},
+]}
+WORKFLOW = {
+    "name": "fit_check", "version": 1, "record": True,
+    "trigger": {"source": "crm", "event_types": ["lead.created"]},
+    "steps": [
+        {"id": "fit", "kind": "llm", "model": "local", "prompt_file": "fit.md",
+         "tools": ["accounts.lookup"], "max_iterations": 3,
+         "output_schema": {"type": "object", "required": ["fit", "account"]}},
+        {"id": "label", "kind": "transform",
+         "output": "{{ steps.fit.account + ': ' + steps.fit.fit }}"},
+    ],
+}
+
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[ModelServerHandle]:
+    handle = await serve(ModelScript.parse(SCRIPT), port=0)
+    try:
+        yield handle
+    finally:
+        await handle.close()
+
+
+@pytest.fixture
+def llm_settings(settings: Settings, model_server: ModelServerHandle,
+                 tmp_path: Path) -> Settings:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "fit.md").write_text('{"domain": "{{ input.domain }}"}')
+    (workflows / "fit_check.yaml").write_text(yaml.safe_dump(WORKFLOW))
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({
+        "providers": {"local": {"base_url": model_server.url}},
+        "models": {"local": {"provider": "local", "model": "fabric-local-1",
+                             "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}}}))
+    return settings.model_copy(update={"workflows_dir": workflows, "models_file": models})
+
+
+def event(domain: str) -> TriggerEvent:
+    return TriggerEvent(event_id=f"ev-{domain}", source="crm", event_type="lead.created",
+                        payload={"domain": domain})
+
+
+async def test_recorded_run_replays_byte_identical_through_the_cli(
+        llm_settings: Settings) -> None:
+    from agentfabric.app import publish_events
+
+    names = TopicNames(llm_settings.topic_prefix)
+    async with running_worker(llm_settings):
+        await publish_events(llm_settings, names.trigger("crm"),
+                             [event("contoso.com"), event("litware.com")])
+        results = await collect_results(llm_settings, "fit_check", 2)
+    outputs = {r.event_id: r.output for r in results}
+    assert outputs == {"ev-contoso.com": "Contoso Ltd: high", "ev-litware.com": "Litware Inc: low"}
+    usage = next(r.usage for r in results if r.event_id == "ev-contoso.com")
+    assert usage.tool_calls == 1
+    assert usage.input_tokens > 0
+    assert usage.cost_usd == pytest.approx((usage.input_tokens + 2 * usage.output_tokens) / 1e6)
+    env = {**settings_env(llm_settings),
+           "AGENTFABRIC_WORKFLOWS_DIR": str(llm_settings.workflows_dir),
+           "AGENTFABRIC_MODELS_FILE": str(llm_settings.models_file),
+           "AGENTFABRIC_MODEL_MAX_RETRIES": "0"}
+    run_id = run_id_for(event("contoso.com"), "fit_check")
+    replay = cli("runs", "replay", run_id, env=env)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "2/2 step outputs byte-identical" in replay.stdout
+    missing = cli("runs", "replay", "no-such-run", env=env)
+    assert missing.returncode == 1
+    assert "no recording for this run" in missing.stderr
+
+
+async def test_a_looping_model_is_handed_off_to_the_approvals_topic(
+        llm_settings: Settings) -> None:
+    from agentfabric.app import publish_events
+
+    names = TopicNames(llm_settings.topic_prefix)
+    found: list[HandOff] = []
+    stop = asyncio.Event()
+
+    async def read() -> None:
+        async for record in read_topic(llm_settings, names.approvals, follow=True, stop=stop):
+            found.append(decode(record.value, record.headers, HandOff))
+            stop.set()
+
+    async with running_worker(llm_settings):
+        await publish_events(llm_settings, names.trigger("crm"), [event("loop.example")])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(read(), 60)
+    [hand_off] = found
+    assert hand_off.run_id == run_id_for(event("loop.example"), "fit_check")
+    assert hand_off.step == "fit"
+    assert "after 3 iterations (max_iterations)" in hand_off.reason
+    tool_turns: list[Any] = [m for m in hand_off.transcript if m["role"] == "tool"]
+    assert len(tool_turns) == 3

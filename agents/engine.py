@@ -1,40 +1,52 @@
-"""The workflow engine: pure functions of a message, no Kafka and no state between calls.
+"""The workflow engine: functions of a message, holding no run state between calls.
 
 ``start`` turns a trigger event into the first step message of each workflow it starts;
-``advance`` runs one step of a run and returns the next step message or the run result.
-Run ids derive from the event, so a redelivered trigger yields the same runs and the
-same idempotency keys, which the step workers use to dedupe.
+``run_step`` runs one step of a run and returns what it emits: the next step's message,
+the messages of parallel branches or of a called workflow, the run's result (and the
+caller's continuation), or a hand-off to a person. The only shared state is the join
+store of parallel fan-outs. Run ids derive from the event, so a redelivered trigger
+yields the same runs and idempotency keys, which the step workers use to dedupe.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from agentfabric.errors import ConfigError, PermanentError
 from schemas.models import (
+    Frame,
     HandOff,
+    ParentCall,
     RunResult,
     StepMessage,
     StepRecording,
     TriggerEvent,
     Usage,
+    canonical_json,
     utc_now,
 )
-from schemas.serde import SCHEMA_HEADER, encode
+from schemas.serde import SCHEMA_HEADER, decode, encode
 from tools.registry import ToolRegistry
 
+from .joins import JoinStore, MemoryJoinStore
 from .models import ModelClient
 from .recording import InteractionLog, Replay, output_bytes
 from .steps import END, StepContext, StepOutcome, StepSpec
+from .steps.base import HandOffRequest, SubWorkflowCall
+from .steps.flow import ApprovalStep, ParallelStep
 from .workflow import Workflow, WorkflowSet, step_scope
 
-__all__ = ["RUN_NAMESPACE", "Engine", "StepRun", "idempotency_key", "run_id_for",
-           "trace_parent_for"]
+__all__ = ["MAX_CALL_DEPTH", "RUN_NAMESPACE", "Decision", "Emitted", "Engine", "StepRun",
+           "idempotency_key", "run_id_for", "trace_parent_for"]
+
+MAX_CALL_DEPTH = 8
+Emitted = StepMessage | RunResult | HandOff
 
 RUN_NAMESPACE = uuid.UUID("6f1c2b1e-8f0a-4e57-9a43-0c0f3b8e5d21")
 
@@ -45,9 +57,11 @@ def run_id_for(event: TriggerEvent, workflow: str) -> str:
     return str(uuid.uuid5(RUN_NAMESPACE, basis))
 
 
-def idempotency_key(run_id: str, step: str, visit: int) -> str:
-    """Unique per visit of a step in a run (a loop visits a step more than once)."""
-    return f"{run_id}:{step}:{visit}"
+def idempotency_key(run_id: str, step: str, visit: int, frames: Sequence[Frame] = ()) -> str:
+    """Unique per visit of a step in a run (a loop visits a step more than once) and per
+    parallel branch it runs in."""
+    branches = "".join(f"/{f.branch}" for f in frames)
+    return f"{run_id}:{step}{branches}:{visit}"
 
 
 def trace_parent_for(run_id: str, key: str, incoming: str | None = None) -> str:
@@ -58,38 +72,62 @@ def trace_parent_for(run_id: str, key: str, incoming: str | None = None) -> str:
     return f"00-{trace_id}-{span_id}-01"
 
 
-def _add_usage(total: Usage, delta: Usage) -> Usage:
+def _add_usage(total: Usage, delta: Usage, steps: int = 1) -> Usage:
     return Usage(input_tokens=total.input_tokens + delta.input_tokens,
                  output_tokens=total.output_tokens + delta.output_tokens,
                  cost_usd=round(total.cost_usd + delta.cost_usd, 10),
-                 steps=total.steps + 1,
+                 steps=total.steps + steps,
                  tool_calls=total.tool_calls + delta.tool_calls)
+
+
+def _total(step_usage: dict[str, Usage]) -> Usage:
+    total = Usage()
+    for usage in step_usage.values():
+        total = _add_usage(total, usage, steps=usage.steps)
+    return total
 
 
 @dataclass
 class StepRun:
-    """What running one step gave: where the run goes, the step's output, its recording."""
+    """What running one step gave: the messages it emits, its output, its recording."""
 
-    next: StepMessage | RunResult | HandOff
+    emitted: list[Emitted]
     output: Any
     recording: StepRecording | None = None
+
+    @property
+    def next(self) -> Emitted:
+        """The one emitted message (for steps that emit exactly one)."""
+        [only] = self.emitted
+        return only
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A person's decision on a hand-off."""
+
+    approved: bool
+    by: str
+    comment: str = ""
 
 
 class Engine:
     """Runs loaded workflows one step at a time."""
 
     def __init__(self, workflows: WorkflowSet, tools: ToolRegistry, *,
-                 models: ModelClient | None = None, max_steps_per_run: int = 100,
-                 record_all: bool = False, clock: Callable[[], datetime] = utc_now) -> None:
-        self.record_all = record_all
+                 models: ModelClient | None = None, joins: JoinStore | None = None,
+                 max_steps_per_run: int = 100, record_all: bool = False,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.workflows = workflows
         self.tools = tools
         self.models = models
+        self.joins: JoinStore = joins or MemoryJoinStore()
         self.max_steps_per_run = max_steps_per_run
+        self.record_all = record_all
         self.clock = clock
-        self._check_tools()
+        self._check_steps()
 
-    def _check_tools(self) -> None:
+    def _check_steps(self) -> None:
         for wf in self.workflows:
             for step in wf.steps:
                 for tool in step.tool_names():
@@ -97,6 +135,12 @@ class Engine:
                         raise ConfigError(
                             f"{wf.file}: step '{step.id}': field 'tool': no tool named "
                             f"'{tool}' is registered (known: {', '.join(self.tools.names())})")
+                for name in step.workflow_names():
+                    if name not in self.workflows.names():
+                        raise ConfigError(
+                            f"{wf.file}: step '{step.id}': field 'workflow': workflow "
+                            f"'{name}' is not loaded (loaded: "
+                            f"{', '.join(self.workflows.names())})")
                 models = list(step.model_names())
                 if models and self.models is None:
                     raise ConfigError(f"{wf.file}: step '{step.id}' calls a model, but no "
@@ -124,9 +168,8 @@ class Engine:
                 deadline=now + timedelta(seconds=wf.timeout_s) if wf.timeout_s else None))
         return messages
 
-    async def advance(self, msg: StepMessage) -> StepMessage | RunResult | HandOff:
-        """Run the step ``msg`` names; return the next step's message, the run's result, or
-        a hand-off of the run to a person."""
+    async def advance(self, msg: StepMessage) -> Emitted:
+        """Run a step that emits exactly one message and return it."""
         return (await self.run_step(msg)).next
 
     async def run_step(self, msg: StepMessage, *,
@@ -160,48 +203,148 @@ class Engine:
                 envelope_schema=dict(headers)[SCHEMA_HEADER].decode(),
                 interactions=calls.entries, output=output_bytes(outcome.output),
                 recorded_at=now)
-        return StepRun(self._next(wf, step, msg, outcome), outcome.output, recording)
+        return StepRun(await self._after(wf, step, msg, outcome), outcome.output, recording)
 
-    def _next(self, wf: Workflow, step: StepSpec, msg: StepMessage,
-              outcome: StepOutcome) -> StepMessage | RunResult | HandOff:
-        usage = _add_usage(msg.usage, outcome.usage)
+    async def _after(self, wf: Workflow, step: StepSpec, msg: StepMessage,
+                     outcome: StepOutcome) -> list[Emitted]:
         step_usage = {**msg.step_usage,
-                      step.id: _add_usage(msg.step_usage.get(step.id, Usage()),
-                                          outcome.usage)}
+                      step.id: _add_usage(msg.step_usage.get(step.id, Usage()), outcome.usage)}
+        usage = _add_usage(msg.usage, outcome.usage)
         if outcome.hand_off is not None:
-            return self._hand_off(msg.model_copy(update={"usage": usage,
-                                                         "step_usage": step_usage}),
-                                  outcome.hand_off, outcome.output)
-        context = {**msg.context, step.id: outcome.output}
-        path = [*msg.path, step.id]
-        target = outcome.next_step or step.next or wf.following(step.id)
-        if target == END:
-            return self._result(wf, msg, context, path, usage, step_usage, outcome.output)
-        key = idempotency_key(msg.run_id, target, len(path))
-        return msg.model_copy(update={
-            "step": target, "attempt": 1, "idempotency_key": key, "context": context,
-            "path": path, "usage": usage, "step_usage": step_usage,
-            "trace_parent": trace_parent_for(msg.run_id, key, msg.trace_parent)})
+            return [self._hand_off(msg.model_copy(update={"usage": usage,
+                                                          "step_usage": step_usage}),
+                                   outcome.hand_off, outcome.output)]
+        done = msg.model_copy(update={"context": {**msg.context, step.id: outcome.output},
+                                      "path": [*msg.path, step.id], "usage": usage,
+                                      "step_usage": step_usage})
+        if outcome.call is not None:
+            return [self._call(done, step.id, outcome.call)]
+        if outcome.fan_out is not None:
+            frames = [Frame(step=step.id, visit=len(msg.path), branch=head,
+                            total=len(outcome.fan_out.branches), join=outcome.fan_out.join)
+                      for head in outcome.fan_out.branches]
+            return [self._move(done, frame.branch, [*msg.frames, frame]) for frame in frames]
+        return await self._continue(wf, step, done, outcome.next_step)
 
-    def _hand_off(self, msg: StepMessage, reason: str, detail: Any) -> HandOff:
+    async def _continue(self, wf: Workflow, step: StepSpec, done: StepMessage,
+                        next_step: str | None) -> list[Emitted]:
+        target = next_step or step.next or wf.following(step.id)
+        if done.frames and target == done.frames[-1].join:
+            return await self._arrive(done, target)
+        if target == END:
+            if done.frames:
+                frame = done.frames[-1]
+                raise PermanentError(
+                    f"branch '{frame.branch}' of parallel step '{frame.step}' reached the end "
+                    f"of workflow '{wf.name}' without joining; end each branch with "
+                    f"next: {frame.join}")
+            return await self._finish(wf, done)
+        return [self._move(done, target)]
+
+    def _move(self, done: StepMessage, target: str,
+              frames: list[Frame] | None = None) -> StepMessage:
+        frames = done.frames if frames is None else frames
+        key = idempotency_key(done.run_id, target, len(done.path), frames)
+        return done.model_copy(update={
+            "step": target, "attempt": 1, "idempotency_key": key, "frames": frames,
+            "trace_parent": trace_parent_for(done.run_id, key, done.trace_parent)})
+
+    async def _arrive(self, done: StepMessage, join: str) -> list[Emitted]:
+        frame = done.frames[-1]
+        branch = {"context": done.context, "path": done.path[frame.visit + 1:],
+                  "step_usage": {k: v.model_dump() for k, v in done.step_usage.items()}}
+        arrived = await self.joins.arrive(f"{done.run_id}:{frame.step}:{frame.visit}",
+                                          frame.branch, canonical_json(branch), frame.total)
+        if arrived is None:
+            return []
+        parallel = self.workflows.get(done.workflow, done.workflow_version).step(frame.step)
+        order = parallel.branches if isinstance(parallel, ParallelStep) else sorted(arrived)
+        context: dict[str, Any] = {}
+        path = done.path[:frame.visit + 1]
+        step_usage: dict[str, Usage] = {}
+        for head in order:
+            part = json.loads(arrived[head])
+            context.update(part["context"])
+            path.extend(part["path"])
+            for name, used in part["step_usage"].items():
+                step_usage[name] = Usage.model_validate(used)
+        joined = done.model_copy(update={"context": context, "path": path,
+                                         "step_usage": step_usage, "usage": _total(step_usage),
+                                         "frames": done.frames[:-1]})
+        return [self._move(joined, join)]
+
+    def _call(self, done: StepMessage, step: str, call: SubWorkflowCall) -> StepMessage:
+        depth, parent = 1, done.parent
+        while parent is not None:
+            depth += 1
+            parent = decode(parent.envelope, [(SCHEMA_HEADER, parent.envelope_schema.encode())],
+                            StepMessage).parent
+        if depth > MAX_CALL_DEPTH:
+            raise PermanentError(f"workflow calls are nested more than {MAX_CALL_DEPTH} deep at "
+                                 f"step '{step}'; check for workflows that call each other")
+        child = self.workflows.latest(call.workflow)
+        envelope, headers = encode(done)
+        run_id = str(uuid.uuid5(RUN_NAMESPACE, f"{done.run_id}/{done.idempotency_key}"))
+        key = idempotency_key(run_id, child.first_step, 0)
+        return StepMessage(
+            run_id=run_id, workflow=child.name, workflow_version=child.version,
+            step=child.first_step, tenant=done.tenant,
+            trace_parent=trace_parent_for(run_id, key, done.trace_parent), idempotency_key=key,
+            input=call.input, context={}, event_id=done.event_id, source=done.source,
+            event_type=done.event_type, started_at=self.clock(), deadline=done.deadline,
+            parent=ParentCall(envelope=envelope,
+                              envelope_schema=dict(headers)[SCHEMA_HEADER].decode(), step=step))
+
+    async def _finish(self, wf: Workflow, done: StepMessage, status: str = "completed",
+                      ) -> list[Emitted]:
+        last = done.context.get(done.path[-1]) if done.path else None
+        output = last if wf.output is None else wf.output.render(step_scope(done))
+        result = RunResult(
+            run_id=done.run_id, workflow=done.workflow, workflow_version=done.workflow_version,
+            tenant=done.tenant, status=status, output=output, context=done.context,
+            usage=done.usage, step_usage=done.step_usage, path=done.path,
+            event_id=done.event_id, source=done.source, event_type=done.event_type,
+            trace_parent=done.trace_parent, started_at=done.started_at,
+            finished_at=self.clock())
+        if done.parent is None:
+            return [result]
+        caller = decode(done.parent.envelope,
+                        [(SCHEMA_HEADER, done.parent.envelope_schema.encode())], StepMessage)
+        caller_wf = self.workflows.get(caller.workflow, caller.workflow_version)
+        step = caller_wf.step(done.parent.step)
+        step_usage = {**caller.step_usage,
+                      step.id: _add_usage(caller.step_usage.get(step.id, Usage()), done.usage,
+                                          steps=done.usage.steps)}
+        resumed = caller.model_copy(update={
+            "context": {**caller.context, step.id: output}, "step_usage": step_usage,
+            "usage": _add_usage(caller.usage, done.usage, steps=done.usage.steps)})
+        return [result, *await self._continue(caller_wf, step, resumed, None)]
+
+    async def resume(self, hand_off: HandOff, decision: Decision) -> list[Emitted]:
+        """Continue a run a person has decided on: approved runs go on, rejected ones go to
+        the step's ``on_reject`` (the run ends as rejected by default)."""
+        msg = decode(hand_off.envelope, [(SCHEMA_HEADER, hand_off.envelope_schema.encode())],
+                     StepMessage)
+        wf = self.workflows.get(msg.workflow, msg.workflow_version)
+        step = wf.step(msg.step)
+        done = msg.model_copy(update={
+            "context": {**msg.context, step.id: {"approved": decision.approved,
+                                                 "by": decision.by,
+                                                 "comment": decision.comment}},
+            "path": [*msg.path, step.id]})
+        if decision.approved:
+            return await self._continue(wf, step, done, None)
+        target = step.on_reject if isinstance(step, ApprovalStep) else END
+        if target == END:
+            return await self._finish(wf, done, status="rejected")
+        return [self._move(done, target)]
+
+    def _hand_off(self, msg: StepMessage, request: HandOffRequest, detail: Any) -> HandOff:
         envelope, headers = encode(msg)
         transcript = detail.get("transcript", []) if isinstance(detail, dict) else []
         return HandOff(
-            hand_off_id=str(uuid.uuid5(RUN_NAMESPACE, msg.idempotency_key)), kind="hand_off",
-            reason=reason, run_id=msg.run_id, workflow=msg.workflow,
+            hand_off_id=str(uuid.uuid5(RUN_NAMESPACE, msg.idempotency_key)), kind=request.kind,
+            reason=request.reason, run_id=msg.run_id, workflow=msg.workflow,
             workflow_version=msg.workflow_version, step=msg.step, tenant=msg.tenant,
             envelope=envelope, envelope_schema=dict(headers)[SCHEMA_HEADER].decode(),
             transcript=transcript, created_at=self.clock())
-
-    def _result(self, wf: Workflow, msg: StepMessage, context: dict[str, object],
-                path: list[str], usage: Usage, step_usage: dict[str, Usage],
-                last_output: object) -> RunResult:
-        finished = msg.model_copy(update={"context": context, "path": path})
-        output = last_output if wf.output is None else wf.output.render(step_scope(finished))
-        return RunResult(
-            run_id=msg.run_id, workflow=msg.workflow, workflow_version=msg.workflow_version,
-            tenant=msg.tenant, status="completed", output=output, context=context,
-            usage=usage, step_usage=step_usage, path=path, event_id=msg.event_id,
-            source=msg.source,
-            event_type=msg.event_type, trace_parent=msg.trace_parent,
-            started_at=msg.started_at, finished_at=self.clock())

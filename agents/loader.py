@@ -126,7 +126,12 @@ def parse_workflow(data: Any, file: str) -> Workflow:
             raise WorkflowError("this step id is used twice", file=file, step=step.id,
                                 field="id")
         ids.add(step.id)
+    order = [step.id for step in steps]
     for step in steps:
+        try:
+            step.check_placement(order)
+        except WorkflowError as exc:
+            raise WorkflowError(exc.detail, file=file, step=step.id, field=exc.field) from exc
         for field, target in step.targets():
             if target != END and target not in ids:
                 raise WorkflowError(f"jumps to '{target}', which is not a step (steps: "

@@ -10,6 +10,7 @@ from schemas.models import StepMessage, StepRecording
 from schemas.serde import SCHEMA_HEADER, decode
 
 from .engine import Engine
+from .joins import MemoryJoinStore
 from .recording import ReplayDivergence, output_bytes
 
 __all__ = ["ReplayedStep", "replay_run"]
@@ -28,24 +29,30 @@ class ReplayedStep:
 
 
 async def replay_run(engine: Engine, recordings: list[StepRecording]) -> list[ReplayedStep]:
-    """Follow the run from its first recorded step; each step must have a recording."""
+    """Follow the run from its first recorded step, through every branch and called
+    workflow it emitted; each step must have a recording."""
     if not recordings:
         raise PermanentError("no recording for this run; set `record: true` on the workflow "
                              "(or AGENTFABRIC_RECORD_RUNS=true) and run it again")
     by_key = {r.idempotency_key: r for r in recordings}
     first = min(recordings, key=lambda r: int(r.idempotency_key.rsplit(":", 1)[-1]))
-    message: StepMessage | None = decode(
-        first.envelope, [(SCHEMA_HEADER, first.envelope_schema.encode())], StepMessage)
+    pending = [decode(first.envelope, [(SCHEMA_HEADER, first.envelope_schema.encode())],
+                      StepMessage)]
     replayed: list[ReplayedStep] = []
-    while isinstance(message, StepMessage):
-        recording = by_key.get(message.idempotency_key)
-        if recording is None:
-            raise ReplayDivergence(f"the replay reached step '{message.step}' "
-                                   f"({message.idempotency_key}), which the recording never "
-                                   f"ran; the run took another path")
-        run = await engine.run_step(message, replay=recording.interactions)
-        replayed.append(ReplayedStep(message.step, message.idempotency_key, recording.output,
-                                     output_bytes(run.output)))
-        nxt = run.next
-        message = nxt if isinstance(nxt, StepMessage) else None
+    live_joins = engine.joins
+    engine.joins = MemoryJoinStore()  # the replay's parallel joins are its own
+    try:
+        while pending:
+            message = pending.pop(0)
+            recording = by_key.get(message.idempotency_key)
+            if recording is None:
+                raise ReplayDivergence(f"the replay reached step '{message.step}' "
+                                       f"({message.idempotency_key}), which the recording never "
+                                       f"ran; the run took another path")
+            run = await engine.run_step(message, replay=recording.interactions)
+            replayed.append(ReplayedStep(message.step, message.idempotency_key,
+                                         recording.output, output_bytes(run.output)))
+            pending.extend(m for m in run.emitted if isinstance(m, StepMessage))
+    finally:
+        engine.joins = live_joins
     return replayed

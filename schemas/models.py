@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = [
     "AvroModel",
     "DeadLetter",
+    "Frame",
     "HandOff",
     "Header",
+    "ParentCall",
     "RunResult",
     "StepMessage",
     "StepRecording",
@@ -111,6 +113,26 @@ class TriggerEvent(AvroModel):
         return data
 
 
+class ParentCall(BaseModel):
+    """The caller of a sub-workflow run, resumed with the run's result."""
+
+    model_config = ConfigDict(extra="forbid")
+    envelope: bytes
+    envelope_schema: str
+    step: str
+
+
+class Frame(BaseModel):
+    """One open parallel fan-out on a branch's envelope."""
+
+    model_config = ConfigDict(extra="forbid")
+    step: str
+    visit: int
+    branch: str
+    total: int = Field(ge=1)
+    join: str
+
+
 class StepMessage(AvroModel):
     """The run envelope: everything a stateless step worker needs to run one step."""
 
@@ -136,6 +158,8 @@ class StepMessage(AvroModel):
     usage: Usage = Field(default_factory=Usage)
     step_usage: dict[str, Usage] = Field(default_factory=dict)
     path: list[str] = Field(default_factory=list)
+    parent: ParentCall | None = None
+    frames: list[Frame] = Field(default_factory=list)
 
 
 class RunResult(AvroModel):

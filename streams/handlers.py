@@ -166,7 +166,7 @@ class StepHandler(Handler):
                 return self._dead(record, exc, message)
             except Exception as exc:  # noqa: BLE001 - a step's bug becomes a dead letter
                 return self._dead(record, exc, message)
-            out = [self._route(run.next)]
+            out = [self._route(emitted) for emitted in run.emitted]
             if run.recording is not None:
                 out.append(Outgoing.of(self.names.recordings, message.run_id, run.recording))
             return out

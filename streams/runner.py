@@ -17,6 +17,7 @@ from agents.engine import Engine
 from .consumer import StepConsumer
 from .handlers import Handler, RouterHandler, StepHandler
 from .idempotency import RedisEmissionStore
+from .joins import RedisJoinStore
 from .kafka import Producer
 from .topics import TopicNames
 
@@ -71,6 +72,8 @@ class Worker:
             await producer.start()
             store = RedisEmissionStore(redis, self.settings.topic_prefix,
                                        self.settings.idempotency_ttl_s)
+            self.engine.joins = RedisJoinStore(redis, self.settings.topic_prefix,
+                                               self.settings.idempotency_ttl_s)
             self.consumers = [StepConsumer(self.settings, h, producer, store)
                               for h in self._handlers(store)]
             tasks = [asyncio.create_task(c.run(stop), name=c.handler.name)

@@ -1,7 +1,7 @@
 """Step kinds. Importing this package registers the built-in kinds in ``STEP_KINDS``."""
 
-from . import branch, llm, tool, transform
+from . import branch, flow, llm, tool, transform
 from .base import END, STEP_KINDS, StepContext, StepOutcome, StepSpec, register_step_kind
 
-__all__ = ["END", "STEP_KINDS", "StepContext", "StepOutcome", "StepSpec", "branch", "llm",
+__all__ = ["END", "STEP_KINDS", "StepContext", "StepOutcome", "StepSpec", "branch", "flow", "llm",
            "register_step_kind", "tool", "transform"]

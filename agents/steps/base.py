@@ -28,9 +28,12 @@ __all__ = [
     "END",
     "STEP_ID_PATTERN",
     "STEP_KINDS",
+    "FanOut",
+    "HandOffRequest",
     "StepContext",
     "StepOutcome",
     "StepSpec",
+    "SubWorkflowCall",
     "register_step_kind",
 ]
 
@@ -48,14 +51,42 @@ class StepContext:
     models: ChatModel | None = None
 
 
+@dataclass(frozen=True)
+class HandOffRequest:
+    """The run goes to a person instead of on: why, and what kind of decision it needs."""
+
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SubWorkflowCall:
+    """Start ``workflow`` with ``input``; this run resumes with its result."""
+
+    workflow: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Run ``branches`` (their first steps) side by side; continue at ``join`` once all
+    have arrived there."""
+
+    branches: tuple[str, ...]
+    join: str
+
+
 @dataclass
 class StepOutcome:
-    """A step's output, and where the run goes next (``None``: the following step)."""
+    """A step's output, and where the run goes next (``None``: the following step).
+    At most one of ``hand_off``, ``call`` and ``fan_out`` is set."""
 
     output: Any
     next_step: str | None = None
     usage: Usage = field(default_factory=Usage)
-    hand_off: str | None = None  # a reason: the run goes to a person instead of on
+    hand_off: HandOffRequest | None = None
+    call: SubWorkflowCall | None = None
+    fan_out: FanOut | None = None
 
 
 class StepSpec(BaseModel):
@@ -82,6 +113,13 @@ class StepSpec(BaseModel):
     def model_names(self) -> Iterator[str]:
         """The registry models this step calls (checked when a worker starts)."""
         return iter(())
+
+    def workflow_names(self) -> Iterator[str]:
+        """Other workflows this step starts (checked when the workflows load)."""
+        return iter(())
+
+    def check_placement(self, step_ids: list[str]) -> None:
+        """Checks that need the whole workflow (the ids in file order); raise WorkflowError."""
 
     def expressions(self) -> Iterator[tuple[str, Expression]]:
         """Every compiled expression with its field path (for reference checks)."""

@@ -24,7 +24,7 @@ from agents.template import Template
 from schemas.models import Usage
 from tools.registry import ToolCall
 
-from .base import StepContext, StepOutcome, StepSpec, register_step_kind
+from .base import HandOffRequest, StepContext, StepOutcome, StepSpec, register_step_kind
 
 __all__ = ["LlmStep"]
 
@@ -142,8 +142,10 @@ class LlmStep(StepSpec):
                              f"that matches the required schema."})
         return StepOutcome(
             output={"transcript": messages}, usage=usage,
-            hand_off=f"the model was still calling tools after {self.max_iterations} "
-                     f"iterations (max_iterations); a person should finish step '{self.id}'")
+            hand_off=HandOffRequest(
+                "max_iterations", f"the model was still calling tools after "
+                f"{self.max_iterations} iterations (max_iterations); a person should finish "
+                f"step '{self.id}'"))
 
     async def _call_tool(self, ctx: StepContext, call: Any) -> str:
         if call.name not in self.tools:

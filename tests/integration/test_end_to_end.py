@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from agentfabric.settings import Settings
 
 from .helpers import cases, check_results, collect_results, publish_cases, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+FLOWS = """
+- name: research
+  version: 1
+  trigger: {source: crm, event_types: [research]}
+  steps:
+    - {id: fan, kind: parallel, branches: [firmo, label], join: combine}
+    - {id: firmo, kind: tool, tool: accounts.lookup, args: {domain: "{{ input.domain }}"},
+       next: size}
+    - {id: size, kind: workflow, workflow: doubler, input: {n: "{{ steps.firmo.employees }}"},
+       next: combine}
+    - {id: label, kind: transform, output: "{{ upper(input.domain) }}", next: shout}
+    - {id: shout, kind: loop, body: bang, until: "len(steps.bang) >= len(steps.label) + 1",
+       next: combine}
+    - {id: bang, kind: transform,
+       output: "{{ (steps.bang if has(steps, 'bang') else steps.label) + '!' }}", next: shout}
+    - id: combine
+      kind: transform
+      output: {company: "{{ steps.firmo.name }}", size: "{{ steps.firmo.employees }}",
+               label: "{{ steps.bang }}", doubled: "{{ steps.size.x }}"}
+- name: doubler
+  version: 1
+  trigger: {source: crm, event_types: [double]}
+  steps:
+    - {id: twice, kind: transform, output: {x: "{{ input.n * 2 }}"}}
+"""
 
 
 async def test_200_events_give_200_correct_results(settings: Settings) -> None:
@@ -64,3 +93,29 @@ async def test_plain_json_from_a_foreign_producer_starts_runs(settings: Settings
         results = [*await collect_results(settings, "lead_enrichment", 10),
                    *await collect_results(settings, "invoice_triage", 10)]
     check_results(batch, results)
+
+
+async def test_loop_parallel_and_sub_workflow_through_the_worker(
+        settings: Settings, tmp_path: Path) -> None:
+    """Flow kinds on the real broker: joins in Redis, sub-workflow results resume callers."""
+    from agentfabric.app import publish_events
+    from schemas.models import TriggerEvent
+    from streams.topics import TopicNames
+
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    for doc in yaml.safe_load(FLOWS):
+        (workflows / f"{doc['name']}.yaml").write_text(yaml.safe_dump(doc))
+    flow_settings = settings.model_copy(update={"workflows_dir": workflows})
+    events = [TriggerEvent(event_id=f"r{i}", source="crm", event_type="research",
+                           payload={"domain": domain})
+              for i, domain in enumerate(["contoso.com", "litware.com", "nowhere.org"] * 10)]
+    async with running_worker(flow_settings):
+        await publish_events(flow_settings, TopicNames(settings.topic_prefix).trigger("crm"),
+                             events)
+        results = await collect_results(flow_settings, "research", len(events))
+    assert len(results) == len(events), "each fan-out joined exactly once"
+    by_event = {r.event_id: r.output for r in results}
+    assert by_event["r0"] == {"company": "Contoso Ltd", "size": 18500, "label": "CONTOSO.COM!",
+                              "doubled": 37000}
+    assert by_event["r2"]["company"] is None

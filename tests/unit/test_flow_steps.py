@@ -22,8 +22,10 @@ FLOWS = """
   steps:
     - {id: again, kind: loop, body: tick, until: "steps.tick.n >= input.target",
        max_iterations: 5, next: done}
-    - {id: tick, kind: transform, output: {n: "{{ (steps.tick.n if has(steps, 'tick') else 0) + 1 }}"},
-       next: again}
+    - id: tick
+      kind: transform
+      output: {n: "{{ (steps.tick.n if has(steps, 'tick') else 0) + 1 }}"}
+      next: again
     - {id: done, kind: transform, output: "{{ steps.tick.n }}"}
 - name: research
   version: 1

@@ -257,6 +257,64 @@ def demo(keep: Annotated[bool, typer.Option(help="Leave the stack running afterw
     raise typer.Exit(_run(run_demo(_settings(), out, keep=keep)))
 
 
+@app.command("eval")
+def eval_cases(
+    workflow: Annotated[str, typer.Argument(help="Workflow to evaluate.")],
+    cases: Annotated[Path, typer.Argument(help="Cases YAML (see docs/evals.md).")],
+    report: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="A previous report: flag "
+                                                       "regressions against it.")] = None,
+    external_workers: Annotated[bool, typer.Option(
+        help="Use workers already running instead of starting one in this process.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for all results.")] = 120.0,
+) -> None:
+    """Run cases through the real fabric and check their results: pass rate, p50/p95
+    latency, tokens, cost. Exit 1 on a failed case, or with --baseline on a regression."""
+    from agents.evals import EvalReport, compare, load_suite
+
+    from .app import build_engine
+    from .evals import run_eval
+    from .tables import eval_table
+
+    s = _settings()
+    suite = load_suite(cases)
+    old = None
+    if baseline is not None:
+        try:
+            old = EvalReport.model_validate_json(baseline.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{baseline}: not an eval report ({exc})") from exc
+
+    async def evaluate() -> EvalReport:
+        engine = build_engine(s)
+        try:
+            return await run_eval(s, engine, workflow, suite,
+                                  start_worker=not external_workers, timeout_s=timeout)
+        finally:
+            if engine.models is not None:
+                await engine.models.close()
+
+    result = _run(evaluate())
+    out.print(eval_table(result))
+    summary = result.summary()
+    out.print(f"pass rate {summary['pass_rate']:.0%} ({len(result.cases)} cases), p50 "
+              f"{summary['p50_ms']} ms, p95 {summary['p95_ms']} ms, tokens "
+              f"{summary['input_tokens']} in / {summary['output_tokens']} out, cost "
+              f"${summary['cost_usd']:.6f}")
+    if report is not None:
+        report.write_text(result.model_dump_json(indent=2), encoding="utf-8")
+        out.print(f"report written to {report}")
+    if old is not None:
+        regressions = compare(result, old)
+        for line in regressions:
+            out.print(f"[red]regression:[/red] {line}")
+        if regressions:
+            raise typer.Exit(1)
+        out.print("no regressions against the baseline")
+    elif result.pass_rate < 1:
+        raise typer.Exit(1)
+
+
 @runs_app.command("replay")
 def runs_replay(run_id: Annotated[str, typer.Argument(help="The run id (see `results`).")],
                 ) -> None:

@@ -11,12 +11,14 @@ from rich.table import Table
 from rich.text import Text
 
 from agentfabric.errors import PermanentError
+from agents.evals import EvalReport
 from agents.workflow import WorkflowSet
 from schemas.models import AvroModel, DeadLetter, RunResult, StepMessage, TriggerEvent
 from schemas.serde import decode, header_value
 from streams.topics import TopicNames
 
-__all__ = ["dead_letters_table", "describe_dead_letter", "results_table", "workflows_table"]
+__all__ = ["dead_letters_table", "describe_dead_letter", "eval_table", "results_table",
+           "workflows_table"]
 
 MAX_OUTPUT_COLUMNS = 7
 
@@ -58,6 +60,19 @@ def results_table(workflow: str, results: Sequence[RunResult]) -> Table:
                   else [_cell(r.output)])
         elapsed = (r.finished_at - r.started_at).total_seconds() * 1000
         table.add_row(r.run_id[:8], r.event_id, *values, str(len(r.path)), f"{elapsed:.0f}")
+    return table
+
+
+def eval_table(report: EvalReport) -> Table:
+    table = Table(title=f"eval {report.workflow}: {sum(c.passed for c in report.cases)}/"
+                        f"{len(report.cases)} passed")
+    for column in ("case", "result", "ms", "tokens", "cost $", "failures"):
+        table.add_column(column, overflow="fold")
+    for c in report.cases:
+        table.add_row(c.name, "pass" if c.passed else "[red]FAIL[/red]",
+                      "-" if c.latency_ms is None else f"{c.latency_ms:.0f}",
+                      str(c.input_tokens + c.output_tokens), f"{c.cost_usd:.6f}",
+                      "; ".join(c.failures))
     return table
 
 

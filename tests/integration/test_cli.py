@@ -146,3 +146,25 @@ async def test_topics_apply_creates_every_topic_with_configured_partitions(
             assert consumer.partitions_for_topic(topic) == {0, 1}, topic
     finally:
         await consumer.stop()
+
+
+def test_eval_runs_cases_through_the_fabric_and_flags_regressions(
+        settings: Settings, tmp_path: Path) -> None:
+    import yaml
+
+    env = settings_env(settings)
+    shipped = Path(__file__).parents[2] / "agentfabric/examples/evals/lead_enrichment.yaml"
+    first = cli("eval", "lead_enrichment", str(shipped), "--report", str(tmp_path / "r.json"),
+                env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "pass rate 100% (4 cases)" in first.stdout
+    baseline = json.loads((tmp_path / "r.json").read_text())
+    assert all(c["latency_ms"] > 0 for c in baseline["cases"])
+    broken = yaml.safe_load(shipped.read_text())
+    broken["cases"][0]["expect"][0]["equals"]["value"] = "warm"
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    again = cli("eval", "lead_enrichment", str(tmp_path / "broken.yaml"), "--baseline",
+                str(tmp_path / "r.json"), env=env)
+    assert again.returncode == 1
+    assert "regression: case 'enterprise software VP is hot' passed in the baseline and " \
+           "fails now: segment is 'hot', expected 'warm'" in again.stdout.replace("\n", " ")

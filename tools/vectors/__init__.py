@@ -1,0 +1,40 @@
+"""Semantic lookup: the vector-store contract, its embedded and Weaviate backends, embedders
+and chunking.
+
+``WeaviateVectorStore`` is imported on first use (``tools.vectors.WeaviateVectorStore``), so
+code that only uses the embedded store never loads the Weaviate client.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import Condition, Document, Hit, StoredDocument, VectorStore
+from .chunking import chunk_text
+from .embedded import EmbeddedVectorStore
+from .embedders import Embedder, MiniLMEmbedder, OpenAIEmbedder
+
+if TYPE_CHECKING:
+    from .weaviate_store import WeaviateVectorStore
+
+__all__ = [
+    "Condition",
+    "Document",
+    "EmbeddedVectorStore",
+    "Embedder",
+    "Hit",
+    "MiniLMEmbedder",
+    "OpenAIEmbedder",
+    "StoredDocument",
+    "VectorStore",
+    "WeaviateVectorStore",
+    "chunk_text",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WeaviateVectorStore":
+        from .weaviate_store import WeaviateVectorStore
+
+        return WeaviateVectorStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,12 +18,23 @@ from streams.kafka import Outgoing, Producer
 from streams.reader import read_topic
 from streams.topics import TopicNames, apply_topics, required_topics
 from tools import default_registry
+from tools.knowledge import KnowledgeBase
 
 from .errors import ConfigError, MessageValidationError
 from .settings import Settings
 
-__all__ = ["build_engine", "build_models", "parse_events", "provision", "publish_events",
-           "read_recordings", "read_results", "resolve_trigger_topic", "setup_logging"]
+__all__ = [
+    "build_engine",
+    "build_knowledge",
+    "build_models",
+    "parse_events",
+    "provision",
+    "publish_events",
+    "read_recordings",
+    "read_results",
+    "resolve_trigger_topic",
+    "setup_logging",
+]
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -37,10 +48,42 @@ def build_models(settings: Settings) -> ModelClient:
                        max_retries=settings.model_max_retries)
 
 
+def build_knowledge(settings: Settings, models: ModelClient | None = None) -> KnowledgeBase:
+    """The configured vector store and embedder (nothing connects or loads until used)."""
+    from tools.vectors import (
+        EmbeddedVectorStore,
+        Embedder,
+        MiniLMEmbedder,
+        OpenAIEmbedder,
+        VectorStore,
+        WeaviateVectorStore,
+    )
+
+    store: VectorStore
+    if settings.vector_store == "weaviate":
+        assert settings.weaviate_url is not None  # checked by the settings
+        key = settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key \
+            else None
+        store = WeaviateVectorStore(settings.weaviate_url, api_key=key)
+    else:
+        store = EmbeddedVectorStore(settings.vector_dir)
+    embedder: Embedder
+    if settings.embedder == "openai":
+        assert settings.embedding_model is not None  # checked by the settings
+        client = models or build_models(settings)
+        spec = client.registry.get(settings.embedding_model)
+        embedder = OpenAIEmbedder(client.openai_client(spec.provider), spec.model,
+                                  settings.embedding_dim)
+    else:
+        embedder = MiniLMEmbedder()
+    return KnowledgeBase(store, embedder)
+
+
 def build_engine(settings: Settings, models: ModelClient | None = None) -> Engine:
-    """The engine for the configured workflows, tools and model registry."""
-    return Engine(load_workflows(settings.workflows_dir), default_registry(),
-                  models=models or build_models(settings),
+    """The engine for the configured workflows, tools, model registry and knowledge bases."""
+    models = models or build_models(settings)
+    return Engine(load_workflows(settings.workflows_dir), default_registry(), models=models,
+                  knowledge=build_knowledge(settings, models),
                   max_steps_per_run=settings.max_steps_per_run, record_all=settings.record_runs)
 
 

@@ -31,12 +31,14 @@ app = typer.Typer(
          "consumers; results land on result topics and failures on a dead-letter topic.\n\n"
          "Quick start: `agentfabric demo`. Settings come from AGENTFABRIC_* environment "
          "variables (see `agentfabric settings`).")
+kb_app = typer.Typer(no_args_is_help=True, help="Knowledge bases: ingest and search.")
 runs_app = typer.Typer(no_args_is_help=True, help="Recorded runs: replay them.")
 topics_app = typer.Typer(no_args_is_help=True, help="Create and list the fabric's topics.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect the dead-letter topic.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(runs_app, name="runs")
+app.add_typer(kb_app, name="kb")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -255,6 +257,71 @@ def demo(keep: Annotated[bool, typer.Option(help="Leave the stack running afterw
     from .demo import run_demo
 
     raise typer.Exit(_run(run_demo(_settings(), out, keep=keep)))
+
+
+@kb_app.command("ingest")
+def kb_ingest(
+    collection: Annotated[str, typer.Argument(help="Collection name, e.g. Accounts.")],
+    files: Annotated[list[Path], typer.Argument(help=".jsonl documents (id, text, metadata) "
+                                                     "or text files to chunk.")],
+    tenant: Annotated[str, typer.Option(help="The tenant the documents belong to.")] =
+    "default",
+    max_words: Annotated[int, typer.Option(help="Chunk size for text files.")] = 120,
+) -> None:
+    """Chunk, embed and store documents in a knowledge base, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from tools.knowledge import read_documents
+
+    from .app import build_knowledge
+
+    s = _settings()
+    documents = read_documents(files, max_words=max_words)
+    if not documents:
+        raise ConfigError("no documents in those files")
+
+    async def ingest() -> int:
+        kb = build_knowledge(s)
+        try:
+            with Progress("[progress.description]{task.description}", BarColumn(),
+                          MofNCompleteColumn(), TimeElapsedColumn(), console=out) as bar:
+                task = bar.add_task(f"embedding into {collection}/{tenant}",
+                                    total=len(documents))
+                return await kb.ingest(collection, tenant, documents,
+                                       progress=lambda n: bar.advance(task, n))
+        finally:
+            await kb.close()
+
+    count = _run(ingest())
+    out.print(f"stored {count} documents in {collection} for tenant {tenant}")
+
+
+@kb_app.command("search")
+def kb_search(
+    collection: Annotated[str, typer.Argument(help="Collection name.")],
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    tenant: Annotated[str, typer.Option(help="Whose documents.")] = "default",
+    k: Annotated[int, typer.Option("-k", help="How many hits.")] = 5,
+    alpha: Annotated[float, typer.Option(help="1 vector, 0 keyword, between hybrid.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """Search a knowledge base the way a lookup step does."""
+    from .app import build_knowledge
+
+    s = _settings()
+
+    async def search() -> list[Any]:
+        kb = build_knowledge(s)
+        try:
+            return await kb.search(collection, tenant, query, k=k, alpha=alpha)
+        finally:
+            await kb.close()
+
+    for hit in _run(search()):
+        if as_json:
+            print(hit.model_dump_json())
+        else:
+            out.print(f"{hit.score:6.3f}  {hit.id:14}  {hit.text[:110]}")
 
 
 @app.command("eval")

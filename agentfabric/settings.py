@@ -9,8 +9,9 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import SettingsError
@@ -61,6 +62,21 @@ class Settings(BaseSettings):
                                                "timeouts (Retry-After is honoured).")
     model_server_port: int = Field(default=18080, ge=0, le=65535,
                                    description="Port of `agentfabric model-server`.")
+    vector_store: Literal["embedded", "weaviate"] = Field(
+        default="embedded", description="Where knowledge bases live.")
+    vector_dir: Path = Field(default=Path(".agentfabric/vectors"),
+                             description="Folder of the embedded vector store (shared by "
+                                         "every worker on the machine).")
+    weaviate_url: str | None = Field(default=None, description="Weaviate URL (vector_store="
+                                                               "weaviate).")
+    weaviate_api_key: SecretStr | None = Field(default=None, description="Weaviate API key.")
+    embedder: Literal["minilm", "openai"] = Field(
+        default="minilm", description="minilm: the packaged all-MiniLM-L6-v2, offline; "
+                                      "openai: embeddings from a model in the registry.")
+    embedding_model: str | None = Field(default=None, description="Registry model for "
+                                                                  "embedder=openai.")
+    embedding_dim: int = Field(default=384, ge=1, le=8192,
+                               description="Dimension of embedder=openai vectors.")
     state_dir: Path = Field(default=Path(".agentfabric"),
                             description="Where `agentfabric up` keeps pids and logs.")
     broker_host: str = Field(default="127.0.0.1", description="Embedded broker listen address.")
@@ -85,6 +101,15 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @model_validator(mode="after")
+    def _backends(self) -> Settings:
+        if self.vector_store == "weaviate" and not self.weaviate_url:
+            raise ValueError("vector_store=weaviate needs AGENTFABRIC_WEAVIATE_URL")
+        if self.embedder == "openai" and not self.embedding_model:
+            raise ValueError("embedder=openai needs AGENTFABRIC_EMBEDDING_MODEL (a model "
+                             "name from the model registry)")
+        return self
+
     @property
     def secret_free_redis_url(self) -> str:
         """The Redis URL with any password masked, for printing."""
@@ -106,6 +131,6 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-            for e in exc.errors())
+            (f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
+            + e["msg"] for e in exc.errors())
         raise SettingsError(f"invalid settings: {problems}") from exc

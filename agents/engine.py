@@ -32,6 +32,7 @@ from schemas.models import (
     utc_now,
 )
 from schemas.serde import SCHEMA_HEADER, decode, encode
+from tools.knowledge import KnowledgeBase
 from tools.registry import ToolRegistry
 
 from .joins import JoinStore, MemoryJoinStore
@@ -115,12 +116,14 @@ class Engine:
     """Runs loaded workflows one step at a time."""
 
     def __init__(self, workflows: WorkflowSet, tools: ToolRegistry, *,
-                 models: ModelClient | None = None, joins: JoinStore | None = None,
+                 models: ModelClient | None = None, knowledge: KnowledgeBase | None = None,
+                 joins: JoinStore | None = None,
                  max_steps_per_run: int = 100, record_all: bool = False,
                  clock: Callable[[], datetime] = utc_now) -> None:
         self.workflows = workflows
         self.tools = tools
         self.models = models
+        self.knowledge = knowledge
         self.joins: JoinStore = joins or MemoryJoinStore()
         self.max_steps_per_run = max_steps_per_run
         self.record_all = record_all
@@ -141,6 +144,9 @@ class Engine:
                             f"{wf.file}: step '{step.id}': field 'workflow': workflow "
                             f"'{name}' is not loaded (loaded: "
                             f"{', '.join(self.workflows.names())})")
+                if step.uses_knowledge() and self.knowledge is None:
+                    raise ConfigError(f"{wf.file}: step '{step.id}' looks things up, but no "
+                                      f"knowledge base is configured")
                 models = list(step.model_names())
                 if models and self.models is None:
                     raise ConfigError(f"{wf.file}: step '{step.id}' calls a model, but no "
@@ -188,10 +194,10 @@ class Engine:
                                  f"{msg.deadline.isoformat()} before step '{step.id}'; raise "
                                  f"the workflow's timeout_s or find what slowed it")
         calls: InteractionLog | Replay = (
-            InteractionLog(self.models, self.tools) if replay is None
+            InteractionLog(self.models, self.tools, self.knowledge) if replay is None
             else Replay(self.tools, replay, step.id))
         outcome = await step.run(StepContext(message=msg, scope=step_scope(msg), tools=calls,
-                                             models=calls))
+                                             models=calls, knowledge=calls))
         if isinstance(calls, Replay):
             calls.finished()
         recording = None

@@ -140,6 +140,10 @@ class ModelClient:
                 raise ConfigError(f"model '{name}' (provider '{spec.provider}') needs its API "
                                   f"key in ${provider.api_key_env}, which is not set")
 
+    def openai_client(self, provider_name: str) -> openai.AsyncOpenAI:
+        """The provider's openai client (shared, e.g. with an embedder)."""
+        return self._client(provider_name)
+
     def _client(self, provider_name: str) -> openai.AsyncOpenAI:
         if provider_name not in self._clients:
             provider = self.registry.providers[provider_name]

@@ -11,18 +11,27 @@ byte-identical step outputs: determinism at the workflow level, whatever the mod
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agentfabric.errors import PermanentError
 from schemas.models import Usage, canonical_json
+from tools.knowledge import KnowledgeBase
 from tools.registry import Tool, ToolCall, ToolRegistry
+from tools.vectors import Condition, Hit
 
 from .models import ChatResult, ModelClient, RequestedToolCall
 
-__all__ = ["ChatModel", "InteractionLog", "Replay", "ReplayDivergence", "ToolCaller",
-           "output_bytes"]
+__all__ = [
+    "ChatModel",
+    "InteractionLog",
+    "KnowledgeSearch",
+    "Replay",
+    "ReplayDivergence",
+    "ToolCaller",
+    "output_bytes",
+]
 
 
 class ReplayDivergence(PermanentError):
@@ -34,6 +43,11 @@ class ChatModel(Protocol):
                    tools: list[dict[str, Any]] | None = None,
                    response_format: dict[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> ChatResult: ...
+
+
+class KnowledgeSearch(Protocol):
+    async def search(self, collection: str, tenant: str, query: str, *, k: int = 5,
+                     alpha: float = 1.0, filters: Sequence[Condition] = ()) -> list[Hit]: ...
 
 
 class ToolCaller(Protocol):
@@ -63,11 +77,24 @@ def _chat_result(entry: dict[str, Any]) -> ChatResult:
 
 @dataclass
 class InteractionLog:
-    """Wraps the live model client and tool registry, writing down every answer."""
+    """Wraps the live model client, tool registry and knowledge base, writing down every
+    answer."""
 
     models: ModelClient | None
     tools: ToolRegistry
+    knowledge: KnowledgeBase | None = None
     entries: list[dict[str, Any]] = field(default_factory=list)
+
+    async def search(self, collection: str, tenant: str, query: str, *, k: int = 5,
+                     alpha: float = 1.0, filters: Sequence[Condition] = ()) -> list[Hit]:
+        if self.knowledge is None:
+            raise PermanentError("this step looks things up, but no knowledge base is "
+                                 "configured")
+        hits = await self.knowledge.search(collection, tenant, query, k=k, alpha=alpha,
+                                           filters=filters)
+        self.entries.append({"kind": "lookup", "collection": collection, "query": query,
+                             "hits": [h.model_dump() for h in hits]})
+        return hits
 
     def get(self, name: str) -> Tool:
         return self.tools.get(name)
@@ -114,8 +141,9 @@ class Replay:
             raise ReplayDivergence(f"step '{self.step}' made call {self.position + 1} ({what}), "
                                    f"but the recording has only {len(self.entries)}")
         entry = self.entries[self.position]
-        recorded = entry.get("model") if entry["kind"] == "model" else entry.get("tool")
-        if entry["kind"] != kind or (kind == "tool" and recorded != what):
+        recorded = entry.get({"model": "model", "tool": "tool", "lookup": "collection"}
+                             .get(entry["kind"], "kind"))
+        if entry["kind"] != kind or (kind != "model" and recorded != what):
             raise ReplayDivergence(f"step '{self.step}' call {self.position + 1}: the replay asked "
                                    f"for {kind} {what}, the recording has {entry['kind']} "
                                    f"{recorded}")
@@ -127,6 +155,13 @@ class Replay:
                    response_format: dict[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> ChatResult:
         return _chat_result(self._next("model", model))
+
+    async def search(self, collection: str, tenant: str, query: str, *, k: int = 5,
+                     alpha: float = 1.0, filters: Sequence[Condition] = ()) -> list[Hit]:
+        entry = self._next("lookup", collection)
+        if entry["query"] != query:
+            raise ReplayDivergence(f"step '{self.step}' looked up other text than recorded")
+        return [Hit.model_validate(h) for h in entry["hits"]]
 
     async def call(self, name: str, arguments: Mapping[str, Any], call: ToolCall) -> Any:
         entry = self._next("tool", name)

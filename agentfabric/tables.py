@@ -53,8 +53,8 @@ def results_table(workflow: str, results: Sequence[RunResult]) -> Table:
     table.add_column("event", no_wrap=True, min_width=12)
     for key in keys or ["output"]:
         table.add_column(key, no_wrap=True, overflow="ellipsis", max_width=28)
-    table.add_column("steps", justify="right")
-    table.add_column("ms", justify="right")
+    table.add_column("steps", justify="right", min_width=5, no_wrap=True)
+    table.add_column("ms", justify="right", min_width=5, no_wrap=True)
     for r in results:
         values = ([_cell(r.output.get(k)) for k in keys] if keys and isinstance(r.output, dict)
                   else [_cell(r.output)])

@@ -277,6 +277,19 @@ def _has(obj: Any, key: Any) -> bool:
     return _fetch("has", obj, key, _has) is not _has
 
 
+def _pluck(items: Any, path: Any) -> list[Any]:
+    """``pluck(hits, 'metadata.name')``: that dotted field of every item (null if missing)."""
+    _want("pluck", 1, items, "list")
+    _want("pluck", 2, path, "string")
+    found = []
+    for item in items:
+        value = item
+        for key in str(path).split("."):
+            value = _fetch("pluck", value, key, None) if isinstance(value, Mapping) else None
+        found.append(value)
+    return found
+
+
 @lru_cache(maxsize=256)
 def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
@@ -326,6 +339,7 @@ FUNCTIONS: Mapping[str, Callable[..., Any]] = MappingProxyType({
     "coalesce": _coalesce,
     "get": _get,
     "has": _has,
+    "pluck": _pluck,
     "matches": _matches,
 })
 

@@ -73,16 +73,14 @@ def pid_alive(pid: int, binary: str | None = None) -> bool:
         return False
     except PermissionError:
         return True
-    if binary is None:
-        return True
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc: trust the pid
     if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-        return False
-    return not cmdline or binary.encode() in cmdline
+        return False  # exited; only its parent's wait is missing
+    return binary is None or not cmdline or binary.encode() in cmdline
 
 
 def _check_port(host: str, port: int, setting: str) -> None:

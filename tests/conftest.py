@@ -3,6 +3,7 @@ ports and stopped by pid; per-test settings with their own topic prefix."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agentfabric.settings import Settings
+from agents.loader import sample_workflows_dir
 from streams.embedded import EmbeddedStack, StackInfo, free_port, pid_alive
 
 
@@ -26,14 +28,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
         assert not pid_alive(info.redis.pid, info.redis.binary)
 
 
+@pytest.fixture(scope="session")
+def rules_workflows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped samples that need no model or knowledge base: lead_enrichment v1 and
+    invoice_triage. Tests of the fabric's mechanics run on these."""
+    folder = tmp_path_factory.mktemp("workflows")
+    for name in ("lead_enrichment.v1.yaml", "invoice_triage.yaml"):
+        shutil.copy(sample_workflows_dir() / name, folder / name)
+    return folder
+
+
 @pytest.fixture
-def settings(stack: StackInfo, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def settings(stack: StackInfo, rules_workflows: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Settings for one test: the session stack, a topic prefix of its own."""
     for var in ("AGENTFABRIC_BOOTSTRAP_SERVERS", "AGENTFABRIC_REDIS_URL"):
         monkeypatch.delenv(var, raising=False)
     return Settings(bootstrap_servers=stack.bootstrap_servers, redis_url=stack.redis_url,
                     topic_prefix=f"t{uuid.uuid4().hex[:10]}", partitions=3,
-                    fetch_max_wait_ms=10)
+                    fetch_max_wait_ms=10, workflows_dir=rules_workflows)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 from pydantic import Field, PrivateAttr, model_validator
 
 from agentfabric.errors import PermanentError, ToolError, WorkflowError
@@ -45,8 +46,11 @@ class LlmStep(StepSpec):
     model: str = Field(min_length=1, description="A model name from the model registry.")
     system: str | None = Field(default=None, description="System prompt template (inline).")
     system_file: str | None = Field(default=None, description="...or a file beside the workflow.")
-    prompt: str | None = Field(default=None, description="User prompt template (inline).")
-    prompt_file: str | None = Field(default=None, description="...or a file beside the workflow.")
+    prompt: Any = Field(default=None, description="User prompt template (inline): text, or a "
+                                                  "mapping sent to the model as JSON.")
+    prompt_file: str | None = Field(default=None, description="...or a file beside the "
+                                                              "workflow (.yaml/.json files "
+                                                              "are structured prompts).")
     tools: list[str] = Field(default_factory=list, description="Registered tools it may call.")
     output_schema: dict[str, Any] | None = None
     output_schema_file: str | None = None
@@ -72,8 +76,15 @@ class LlmStep(StepSpec):
         if system is not None:
             self._system = self._template("system_file" if self.system_file else "system",
                                           system)
-        prompt = self.prompt if self.prompt is not None else _read(
-            base_dir, str(self.prompt_file), self.id, "prompt_file")
+        prompt = self.prompt
+        if self.prompt_file is not None:
+            prompt = _read(base_dir, self.prompt_file, self.id, "prompt_file")
+            if Path(self.prompt_file).suffix in (".yaml", ".yml", ".json"):
+                try:
+                    prompt = yaml.safe_load(prompt)
+                except yaml.YAMLError as exc:
+                    raise WorkflowError(f"not YAML/JSON: {exc}", step=self.id,
+                                        field="prompt_file") from exc
         self._prompt = self._template("prompt_file" if self.prompt_file else "prompt", prompt)
         schema = self.output_schema
         field = "output_schema"

@@ -30,7 +30,8 @@ def cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None,
 def settings_env(settings: Settings) -> dict[str, str]:
     return {"AGENTFABRIC_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
             "AGENTFABRIC_REDIS_URL": settings.redis_url,
-            "AGENTFABRIC_TOPIC_PREFIX": settings.topic_prefix}
+            "AGENTFABRIC_TOPIC_PREFIX": settings.topic_prefix,
+            "AGENTFABRIC_WORKFLOWS_DIR": str(settings.workflows_dir)}
 
 
 def test_help_lists_the_commands() -> None:

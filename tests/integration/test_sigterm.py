@@ -32,7 +32,8 @@ def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ,
            "AGENTFABRIC_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "AGENTFABRIC_REDIS_URL": settings.redis_url,
-           "AGENTFABRIC_TOPIC_PREFIX": settings.topic_prefix}
+           "AGENTFABRIC_TOPIC_PREFIX": settings.topic_prefix,
+           "AGENTFABRIC_WORKFLOWS_DIR": str(settings.workflows_dir)}
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "agentfabric", "worker", "--log-level", "INFO"],

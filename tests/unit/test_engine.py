@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,8 +26,8 @@ from tools import default_registry
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(load_workflows(), default_registry())
+def engine(rules_workflows: Path) -> Engine:
+    return Engine(load_workflows(rules_workflows), default_registry())
 
 
 async def run_to_end(engine: Engine, event: TriggerEvent) -> RunResult:

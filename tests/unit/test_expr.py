@@ -133,11 +133,12 @@ def test_function_whitelist_is_exactly_the_documented_set() -> None:
     assert set(FUNCTIONS) == {
         "lower", "upper", "trim", "len", "contains", "startswith", "endswith", "split", "join",
         "replace", "round", "floor", "ceil", "abs", "min", "max", "sum", "int", "float", "str",
-        "bool", "coalesce", "get", "has", "matches",
+        "bool", "coalesce", "get", "has", "matches", "pluck",
     }
     assert "now_iso" not in FUNCTIONS
     assert FUNCTIONS["lower"]("AbC") == "abc"
     assert FUNCTIONS["coalesce"](None, 2) == 2
+    assert FUNCTIONS["pluck"]([{"a": {"b": 1}}, {"a": {}}, {}], "a.b") == [1, None, None]
     with pytest.raises(TypeError):
         FUNCTIONS["bool"] = bool  # type: ignore[index]
 

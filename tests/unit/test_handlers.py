@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,8 +31,8 @@ def record(topic: str, value: bytes | None, headers: list[tuple[str, bytes]] | N
 
 
 @pytest.fixture
-def engine() -> Engine:
-    return Engine(load_workflows(), default_registry())
+def engine(rules_workflows: Path) -> Engine:
+    return Engine(load_workflows(rules_workflows), default_registry())
 
 
 @pytest.fixture

@@ -46,10 +46,18 @@ def expect(data: Any, message: str) -> None:
 def test_sample_workflows_load() -> None:
     workflows = load_workflows()
     assert workflows.names() == ["invoice_triage", "lead_enrichment"]
+    assert [s.id for s in workflows.get("lead_enrichment", 1).steps] == [
+        "normalise", "enrich", "score", "route"]
     lead = workflows.latest("lead_enrichment")
-    assert [s.id for s in lead.steps] == ["normalise", "enrich", "score", "route"]
+    assert lead.version == 2
+    assert [s.id for s in lead.steps] == [
+        "normalise", "enrich", "similar", "fit", "score", "route"]
     assert lead.trigger.source == "crm"
-    Engine(workflows, default_registry())  # every tool step names a registered tool
+    # every tool, model and knowledge base the samples use is configured
+    from agentfabric.app import build_engine
+    from agentfabric.settings import Settings
+
+    build_engine(Settings())
 
 
 def test_valid_document_loads_with_order_and_jumps() -> None:

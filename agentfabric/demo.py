@@ -24,12 +24,11 @@ from streams.dlq import read_dead_letters
 from streams.embedded import EmbeddedStack
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_topic
-from streams.runner import Worker
+from streams.runner import Worker, background_worker
 from streams.topics import TopicNames
 from tools.knowledge import read_documents
 
 from .app import build_engine, parse_events, provision, publish_events
-from .errors import StackError
 from .settings import Settings
 from .tables import dead_letters_table, results_table
 
@@ -110,11 +109,7 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
     await _ingest_accounts(out, engine, {e.tenant for batch in events.values() for e in batch})
     created = await provision(s, engine)
     out.print(f"provisioned {len(created)} topics ({s.partitions} partitions each)")
-    stop = asyncio.Event()
-    worker = Worker(s, engine)
-    task = asyncio.create_task(worker.run(stop))
-    try:
-        await asyncio.wait_for(_until(worker.ready, task), 30)
+    async with background_worker(s, engine) as worker:
         out.print(f"worker ready: router + {len(worker.consumers) - 1} step consumers")
         t0 = time.monotonic()
         expected: dict[str, set[str]] = {}
@@ -127,7 +122,8 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
                       f"{names.trigger(source)}")
         await _publish_malformed(s, names)
         out.print(f"published 1 malformed event to {names.trigger('crm')}")
-        results = await asyncio.wait_for(_collect(s, names, expected, task), RESULT_TIMEOUT_S)
+        results = await asyncio.wait_for(_collect(s, names, expected, worker),
+                                         RESULT_TIMEOUT_S)
         elapsed = time.monotonic() - t0
         for workflow in sorted(results):
             out.print(results_table(workflow, results[workflow]))
@@ -136,18 +132,6 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
         total = sum(len(r) for r in results.values())
         out.print(f"{total} runs completed in {elapsed:.2f}s; {len(letters)} dead letter(s)")
         return 0
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, s.shutdown_timeout_s)
-
-
-async def _until(event: asyncio.Event, task: asyncio.Task[None]) -> None:
-    waiter = asyncio.create_task(event.wait())
-    done, _ = await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        waiter.cancel()
-        task.result()
-        raise StackError("the worker stopped before it was ready")
 
 
 async def _publish_malformed(s: Settings, names: TopicNames) -> None:
@@ -161,7 +145,7 @@ async def _publish_malformed(s: Settings, names: TopicNames) -> None:
 
 
 async def _collect(s: Settings, names: TopicNames, expected: dict[str, set[str]],
-                   worker: asyncio.Task[None]) -> dict[str, list[RunResult]]:
+                   worker: Worker) -> dict[str, list[RunResult]]:
     """Read each result topic until every expected run has its result."""
     from schemas.serde import decode
 
@@ -175,8 +159,7 @@ async def _collect(s: Settings, names: TopicNames, expected: dict[str, set[str]]
                 found[result.run_id] = result
             if len(found) == len(run_ids):
                 stop.set()
-            if worker.done():
-                worker.result()
+            worker.check_alive()
         results[workflow] = sorted(found.values(), key=lambda r: r.event_id)
     return results
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from agents.engine import Engine, run_id_for
 from agents.evals import CaseResult, EvalReport, EvalSuite, check
@@ -15,34 +14,14 @@ from schemas.models import RunResult, TriggerEvent
 from schemas.serde import decode
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_topic
-from streams.runner import Worker
+from streams.runner import background_worker
 from streams.topics import TopicNames
 
 from .app import provision
-from .errors import MessageValidationError, StackError
+from .errors import MessageValidationError
 from .settings import Settings
 
 __all__ = ["run_eval"]
-
-
-@contextlib.asynccontextmanager
-async def _worker(settings: Settings, engine: Engine) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    worker = Worker(settings, engine)
-    task = asyncio.create_task(worker.run(stop))
-    ready = asyncio.create_task(worker.ready.wait())
-    done, _ = await asyncio.wait([ready, task], timeout=60,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    if ready not in done:
-        stop.set()
-        raise StackError("the eval's worker did not become ready within 60s")
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, settings.shutdown_timeout_s)
 
 
 async def run_eval(settings: Settings, engine: Engine, workflow: str, suite: EvalSuite, *,
@@ -63,7 +42,7 @@ async def run_eval(settings: Settings, engine: Engine, workflow: str, suite: Eva
     await provision(settings, engine)
     async with contextlib.AsyncExitStack() as stack:
         if start_worker:
-            await stack.enter_async_context(_worker(settings, engine))
+            await stack.enter_async_context(background_worker(settings, engine))
         results, sent_at = await _publish_and_collect(settings, names, workflow, events, runs,
                                                       timeout_s)
     cases = []

@@ -4,13 +4,14 @@ sharing one producer and one Redis connection pool, until ``stop`` is set."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentfabric.errors import TransientError
+from agentfabric.errors import StackError, TransientError
 from agentfabric.settings import Settings
 from agents.engine import Engine
 
@@ -21,7 +22,7 @@ from .joins import RedisJoinStore
 from .kafka import Producer
 from .topics import TopicNames
 
-__all__ = ["Worker", "connect_redis"]
+__all__ = ["Worker", "background_worker", "connect_redis"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ class Worker:
         self.router = router
         self.consumers: list[StepConsumer] = []
         self.ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def check_alive(self) -> None:
+        """Raise the worker's error if it has stopped on one (for callers that wait on it)."""
+        if self.task is not None and self.task.done():
+            self.task.result()
+            raise StackError("the worker has stopped")
 
     def _handlers(self, store: RedisEmissionStore) -> list[Handler]:
         handlers: list[Handler] = []
@@ -105,3 +113,24 @@ class Worker:
         self.ready.set()
         log.info("worker ready: %d consumers (%s)", len(self.consumers),
                  ", ".join(c.handler.name for c in self.consumers))
+
+
+@contextlib.asynccontextmanager
+async def background_worker(settings: Settings, engine: Engine, *,
+                            ready_timeout_s: float = 60.0) -> AsyncIterator[Worker]:
+    """Run a worker in this process for the block: ready on entry, drained on exit."""
+    stop = asyncio.Event()
+    worker = Worker(settings, engine)
+    worker.task = asyncio.create_task(worker.run(stop))
+    ready = asyncio.create_task(worker.ready.wait())
+    try:
+        done, _ = await asyncio.wait([ready, worker.task], timeout=ready_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        worker.check_alive()
+        if ready not in done:
+            raise StackError(f"the worker was not ready within {ready_timeout_s:.0f}s")
+        yield worker
+    finally:
+        ready.cancel()
+        stop.set()
+        await asyncio.wait_for(worker.task, settings.shutdown_timeout_s)

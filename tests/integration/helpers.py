@@ -15,7 +15,7 @@ from agents.engine import run_id_for
 from schemas.models import DeadLetter, RunResult, TriggerEvent
 from schemas.serde import decode
 from streams.reader import read_topic
-from streams.runner import Worker
+from streams.runner import Worker, background_worker
 from streams.topics import TopicNames
 
 # (domain, employees, industry) from tools/data/accounts.csv, restated here as the oracle
@@ -109,20 +109,8 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
     """Provision topics and run an in-process worker until the block exits."""
     engine = build_engine(settings)
     await provision(settings, engine)
-    stop = asyncio.Event()
-    worker = Worker(settings, engine)
-    task = asyncio.create_task(worker.run(stop))
-    ready = asyncio.create_task(worker.ready.wait())
-    done, _ = await asyncio.wait([ready, task], timeout=60,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    assert ready in done, "worker did not become ready within 60s"
-    try:
+    async with background_worker(settings, engine) as worker:
         yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def collect_results(settings: Settings, workflow: str, count: int,

@@ -7,46 +7,32 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 
+from .cli_agents import register as register_agent_commands
+from .cli_common import err, out, run
+from .cli_common import settings as settings_
 from .errors import AgentFabricError, ConfigError
-from .settings import Settings, load_settings
+from .settings import Settings
 
 __all__ = ["app", "main"]
 
 T = TypeVar("T")
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
-
 app = typer.Typer(
     name="agentfabric", no_args_is_help=True, add_completion=False,
-    pretty_exceptions_enable=False,
+    pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Event-driven agent workflows over Kafka.\n\n"
          "Business events arrive on trigger topics; YAML workflows run as stateless step "
          "consumers; results land on result topics and failures on a dead-letter topic.\n\n"
          "Quick start: `agentfabric demo`. Settings come from AGENTFABRIC_* environment "
          "variables (see `agentfabric settings`).")
-kb_app = typer.Typer(no_args_is_help=True, help="Knowledge bases: ingest and search.")
-runs_app = typer.Typer(no_args_is_help=True, help="Recorded runs: replay them.")
 topics_app = typer.Typer(no_args_is_help=True, help="Create and list the fabric's topics.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect the dead-letter topic.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
-app.add_typer(runs_app, name="runs")
-app.add_typer(kb_app, name="kb")
-
-
-def _settings(**overrides: Any) -> Settings:
-    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @app.command()
@@ -54,7 +40,7 @@ def up() -> None:
     """Start the embedded Kafka-compatible broker and Redis on loopback; print their settings."""
     from streams.embedded import EmbeddedStack
 
-    s = _settings()
+    s = settings_()
     stack = EmbeddedStack(s.state_dir, host=s.broker_host, broker_port=s.broker_port,
                           redis_port=s.redis_port)
     info = stack.start()
@@ -71,7 +57,7 @@ def down() -> None:
     """Stop exactly the broker and Redis that `agentfabric up` started."""
     from streams.embedded import EmbeddedStack
 
-    s = _settings()
+    s = settings_()
     stopped = EmbeddedStack(s.state_dir).stop()
     if not stopped:
         out.print(f"nothing to stop (no running stack recorded in {s.state_dir})")
@@ -84,8 +70,8 @@ def topics_apply() -> None:
     """Create every topic the loaded workflows need (partitions from AGENTFABRIC_PARTITIONS)."""
     from .app import build_engine, provision
 
-    s = _settings()
-    result = _run(provision(s, build_engine(s)))
+    s = settings_()
+    result = run(provision(s, build_engine(s)))
     for topic, state in sorted(result.items()):
         out.print(f"{state:8} {topic}")
 
@@ -97,7 +83,7 @@ def topics_list() -> None:
 
     from .app import build_engine
 
-    s = _settings()
+    s = settings_()
     for topic in required_topics(build_engine(s).workflows, TopicNames(s.topic_prefix)):
         print(topic)
 
@@ -110,7 +96,7 @@ def workflows() -> None:
     from .app import build_engine
     from .tables import workflows_table
 
-    s = _settings()
+    s = settings_()
     out.print(workflows_table(build_engine(s).workflows, TopicNames(s.topic_prefix)))
 
 
@@ -123,11 +109,11 @@ def publish(
     """Validate JSON events and publish them to a trigger topic (all or nothing)."""
     from .app import parse_events, publish_events, resolve_trigger_topic
 
-    s = _settings()
+    s = settings_()
     full_topic, source = resolve_trigger_topic(s, topic)
     text = sys.stdin.read() if file == "-" else _read(file)
     events = parse_events(text, source)
-    count = _run(publish_events(s, full_topic, events))
+    count = run(publish_events(s, full_topic, events))
     out.print(f"published {count} event{'s' if count != 1 else ''} to {full_topic}")
 
 
@@ -149,7 +135,7 @@ def results(
     from .app import read_results
     from .tables import results_table
 
-    s = _settings()
+    s = settings_()
 
     async def collect() -> list[Any]:
         rows = []
@@ -161,7 +147,7 @@ def results(
         return rows
 
     try:
-        rows = _run(collect())
+        rows = run(collect())
     except KeyboardInterrupt:
         return
     if not (follow or as_json):
@@ -177,12 +163,12 @@ def dlq_list(as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")
 
     from .tables import dead_letters_table
 
-    s = _settings()
+    s = settings_()
 
     async def collect() -> list[Any]:
         return [d async for d in read_dead_letters(s, TopicNames(s.topic_prefix).dlq)]
 
-    letters = _run(collect())
+    letters = run(collect())
     if as_json:
         for letter in letters:
             print(letter.model_dump_json(exclude={"value", "headers"}))
@@ -199,13 +185,13 @@ def dlq_show(dead_letter_id: Annotated[str, typer.Argument(help="Id or unique id
 
     from .tables import describe_dead_letter
 
-    s = _settings()
+    s = settings_()
 
     async def find() -> list[Any]:
         return [d async for d in read_dead_letters(s, TopicNames(s.topic_prefix).dlq)
                 if d.dead_letter_id.startswith(dead_letter_id)]
 
-    matches = _run(find())
+    matches = run(find())
     if len(matches) != 1:
         raise ConfigError(f"{'no' if not matches else len(matches)} dead letters match "
                           f"'{dead_letter_id}'; run `agentfabric dlq list` for the ids")
@@ -225,7 +211,7 @@ def worker(
     from .app import build_engine, setup_logging
 
     setup_logging(log_level)
-    s = _settings()
+    s = settings_()
     w = Worker(s, build_engine(s), workflows=workflow, router=router)
 
     async def serve() -> None:
@@ -246,7 +232,7 @@ def worker(
                     f"will be redelivered") from None
         task.result()
 
-    _run(serve())
+    run(serve())
 
 
 @app.command()
@@ -256,207 +242,20 @@ def demo(keep: Annotated[bool, typer.Option(help="Leave the stack running afterw
     CRM and ERP events, print the results, and stop everything."""
     from .demo import run_demo
 
-    raise typer.Exit(_run(run_demo(_settings(), out, keep=keep)))
-
-
-@kb_app.command("ingest")
-def kb_ingest(
-    collection: Annotated[str, typer.Argument(help="Collection name, e.g. Accounts.")],
-    files: Annotated[list[Path], typer.Argument(help=".jsonl documents (id, text, metadata) "
-                                                     "or text files to chunk.")],
-    tenant: Annotated[str, typer.Option(help="The tenant the documents belong to.")] =
-    "default",
-    max_words: Annotated[int, typer.Option(help="Chunk size for text files.")] = 120,
-) -> None:
-    """Chunk, embed and store documents in a knowledge base, with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from tools.knowledge import read_documents
-
-    from .app import build_knowledge
-
-    s = _settings()
-    documents = read_documents(files, max_words=max_words)
-    if not documents:
-        raise ConfigError("no documents in those files")
-
-    async def ingest() -> int:
-        kb = build_knowledge(s)
-        try:
-            with Progress("[progress.description]{task.description}", BarColumn(),
-                          MofNCompleteColumn(), TimeElapsedColumn(), console=out) as bar:
-                task = bar.add_task(f"embedding into {collection}/{tenant}",
-                                    total=len(documents))
-                return await kb.ingest(collection, tenant, documents,
-                                       progress=lambda n: bar.advance(task, n))
-        finally:
-            await kb.close()
-
-    count = _run(ingest())
-    out.print(f"stored {count} documents in {collection} for tenant {tenant}")
-
-
-@kb_app.command("search")
-def kb_search(
-    collection: Annotated[str, typer.Argument(help="Collection name.")],
-    query: Annotated[str, typer.Argument(help="What to look for.")],
-    tenant: Annotated[str, typer.Option(help="Whose documents.")] = "default",
-    k: Annotated[int, typer.Option("-k", help="How many hits.")] = 5,
-    alpha: Annotated[float, typer.Option(help="1 vector, 0 keyword, between hybrid.")] = 1.0,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
-) -> None:
-    """Search a knowledge base the way a lookup step does."""
-    from .app import build_knowledge
-
-    s = _settings()
-
-    async def search() -> list[Any]:
-        kb = build_knowledge(s)
-        try:
-            return await kb.search(collection, tenant, query, k=k, alpha=alpha)
-        finally:
-            await kb.close()
-
-    for hit in _run(search()):
-        if as_json:
-            print(hit.model_dump_json())
-        else:
-            out.print(f"{hit.score:6.3f}  {hit.id:14}  {hit.text[:110]}")
-
-
-@app.command("eval")
-def eval_cases(
-    workflow: Annotated[str, typer.Argument(help="Workflow to evaluate.")],
-    cases: Annotated[Path, typer.Argument(help="Cases YAML (see docs/evals.md).")],
-    report: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
-    baseline: Annotated[Path | None, typer.Option(help="A previous report: flag "
-                                                       "regressions against it.")] = None,
-    external_workers: Annotated[bool, typer.Option(
-        help="Use workers already running instead of starting one in this process.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for all results.")] = 120.0,
-) -> None:
-    """Run cases through the real fabric and check their results: pass rate, p50/p95
-    latency, tokens, cost. Exit 1 on a failed case, or with --baseline on a regression."""
-    from agents.evals import EvalReport, compare, load_suite
-
-    from .app import build_engine
-    from .evals import run_eval
-    from .tables import eval_table
-
-    s = _settings()
-    suite = load_suite(cases)
-    old = None
-    if baseline is not None:
-        try:
-            old = EvalReport.model_validate_json(baseline.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{baseline}: not an eval report ({exc})") from exc
-
-    async def evaluate() -> EvalReport:
-        engine = build_engine(s)
-        try:
-            return await run_eval(s, engine, workflow, suite,
-                                  start_worker=not external_workers, timeout_s=timeout)
-        finally:
-            if engine.models is not None:
-                await engine.models.close()
-
-    result = _run(evaluate())
-    out.print(eval_table(result))
-    summary = result.summary()
-    out.print(f"pass rate {summary['pass_rate']:.0%} ({len(result.cases)} cases), p50 "
-              f"{summary['p50_ms']} ms, p95 {summary['p95_ms']} ms, tokens "
-              f"{summary['input_tokens']} in / {summary['output_tokens']} out, cost "
-              f"${summary['cost_usd']:.6f}")
-    if report is not None:
-        report.write_text(result.model_dump_json(indent=2), encoding="utf-8")
-        out.print(f"report written to {report}")
-    if old is not None:
-        regressions = compare(result, old)
-        for line in regressions:
-            out.print(f"[red]regression:[/red] {line}")
-        if regressions:
-            raise typer.Exit(1)
-        out.print("no regressions against the baseline")
-    elif result.pass_rate < 1:
-        raise typer.Exit(1)
-
-
-@runs_app.command("replay")
-def runs_replay(run_id: Annotated[str, typer.Argument(help="The run id (see `results`).")],
-                ) -> None:
-    """Re-execute a recorded run against its recorded model and tool answers and compare
-    every step's output byte for byte; exit 1 if any differs."""
-    from agents.replay import replay_run
-
-    from .app import build_engine, read_recordings
-
-    s = _settings()
-
-    async def replay() -> list[Any]:
-        engine = build_engine(s)
-        try:
-            return await replay_run(engine, await read_recordings(s, run_id))
-        finally:
-            if engine.models is not None:
-                await engine.models.close()
-
-    steps = _run(replay())
-    for step in steps:
-        verdict = "identical" if step.identical else "DIFFERENT"
-        out.print(f"{step.step:24} {len(step.replayed):6} bytes  {verdict}")
-        if not step.identical:
-            out.print(f"  recorded: {step.recorded}\n  replayed: {step.replayed}")
-    same = sum(s.identical for s in steps)
-    out.print(f"{same}/{len(steps)} step outputs byte-identical")
-    if same != len(steps):
-        raise typer.Exit(1)
-
-
-@app.command("model-server")
-def model_server(
-    script: Annotated[Path | None, typer.Option(help="YAML script of behaviours; default: the "
-                                                     "shipped demo script.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default AGENTFABRIC_MODEL_SERVER_PORT)"
-                                                  "; 0 picks a free one.")] = None,
-) -> None:
-    """Serve a local OpenAI-compatible model (chat with tool calls, embeddings, usage) driven by
-    a deterministic script, with latency and fault injection. For tests and offline demos."""
-    from agents.model_script import ModelScript
-    from agents.model_server import serve
-
-    s = _settings()
-    loaded = ModelScript.load(script or _demo_script())
-
-    async def run() -> None:
-        handle = await serve(loaded, port=s.model_server_port if port is None else port)
-        out.print(f"model server on {handle.url} (script {script or 'demo'}); Ctrl-C stops it")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await handle.close()
-
-    _run(run())
-
-
-def _demo_script() -> Path:
-    from importlib import resources
-
-    return Path(str(resources.files("agents").joinpath("model_scripts", "demo.yaml")))
+    raise typer.Exit(run(run_demo(settings_(), out, keep=keep)))
 
 
 @app.command("settings")
-def show_settings() -> None:
+def showsettings_() -> None:
     """Print every setting with its current value and its environment variable."""
-    s = _settings()
+    s = settings_()
     for name, field in Settings.model_fields.items():
         value = s.secret_free_redis_url if name == "redis_url" else getattr(s, name)
         print(f"AGENTFABRIC_{name.upper()}={json.dumps(str(value))[1:-1]}"
               f"    # {field.description or ''}".rstrip(" #"))
+
+
+register_agent_commands(app)
 
 
 def main() -> None:

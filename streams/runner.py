@@ -73,7 +73,15 @@ class Worker:
                 for step in self.engine.workflows.step_ids(name))
         return handlers
 
+    async def _warm_up(self) -> None:
+        """Load the embedding model before taking messages if a selected step looks up."""
+        knowledge = self.engine.knowledge
+        steps = [s for name in self.selected for s in self.engine.workflows.latest(name).steps]
+        if knowledge is not None and any(step.uses_knowledge() for step in steps):
+            await knowledge.embedder.embed(["warm-up"])
+
     async def run(self, stop: asyncio.Event) -> None:
+        await self._warm_up()
         redis = await connect_redis(self.settings)
         producer = Producer(self.settings)
         try:

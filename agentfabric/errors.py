@@ -9,7 +9,8 @@ Hierarchy::
     │   ├── ExpressionSyntaxError    an expression or template does not parse
     │   └── PortInUseError           the embedded stack cannot bind a port
     ├── StackError                   the embedded broker or Redis failed to start or stop
-    ├── TransientError               may succeed if tried again (broker, Redis, tool unavailable)
+    ├── TransientError               may succeed if tried again: the step is retried
+    │   └── UnavailableError         Kafka or Redis is down: the record is rewound, not retried
     └── PermanentError               retrying cannot help: the message is dead-lettered at once
         ├── DecodeError              the bytes are not a message we can read
         ├── MessageValidationError   the message decoded but does not fit its schema
@@ -39,6 +40,7 @@ __all__ = [
     "StackError",
     "ToolError",
     "TransientError",
+    "UnavailableError",
     "UnknownStepError",
     "UnknownWorkflowError",
     "UnroutableEventError",
@@ -93,6 +95,11 @@ class StackError(AgentFabricError):
 
 class TransientError(AgentFabricError):
     """May succeed if tried again: the message is retried, then dead-lettered."""
+
+
+class UnavailableError(TransientError):
+    """The fabric's own infrastructure (Kafka, Redis) is unavailable: the consumer rewinds
+    the record and tries it again later; it does not count as a step attempt."""
 
 
 class PermanentError(AgentFabricError):

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
         description="Longest a fetch waits for data. The embedded broker does not wake a "
                     "waiting fetch, so latency follows this value: keep it low there.")
     max_poll_records: int = Field(default=200, ge=1, le=10_000)
+    max_poll_interval_ms: int = Field(
+        default=600_000, ge=10_000, le=3_600_000,
+        description="Longest a batch may take before the consumer leaves its group; raise "
+                    "it (or lower max_poll_records) for slow llm steps.")
     max_attempts: int = Field(default=3, ge=1, le=100,
                               description="Attempts of a step before a transient failure "
                                           "is dead-lettered.")

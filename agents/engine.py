@@ -43,8 +43,18 @@ from .steps.base import HandOffRequest, SubWorkflowCall
 from .steps.flow import ApprovalStep, ParallelStep
 from .workflow import Workflow, WorkflowSet, step_scope
 
-__all__ = ["MAX_CALL_DEPTH", "RUN_NAMESPACE", "Decision", "Emitted", "Engine", "StepRun",
-           "idempotency_key", "run_id_for", "trace_parent_for"]
+__all__ = [
+    "MAX_CALL_DEPTH",
+    "RUN_NAMESPACE",
+    "Decision",
+    "Emitted",
+    "Engine",
+    "StepRun",
+    "idempotency_key",
+    "root_run_id",
+    "run_id_for",
+    "trace_parent_for",
+]
 
 MAX_CALL_DEPTH = 8
 Emitted = StepMessage | RunResult | HandOff
@@ -79,6 +89,14 @@ def _add_usage(total: Usage, delta: Usage, steps: int = 1) -> Usage:
                  cost_usd=round(total.cost_usd + delta.cost_usd, 10),
                  steps=total.steps + steps,
                  tool_calls=total.tool_calls + delta.tool_calls)
+
+
+def root_run_id(msg: StepMessage) -> str:
+    """The run that started it all: a called workflow's run belongs to its caller's."""
+    while msg.parent is not None:
+        msg = decode(msg.parent.envelope, [(SCHEMA_HEADER, msg.parent.envelope_schema.encode())],
+                     StepMessage)
+    return msg.run_id
 
 
 def _total(step_usage: dict[str, Usage]) -> Usage:
@@ -257,21 +275,24 @@ class Engine:
 
     async def _arrive(self, done: StepMessage, join: str) -> list[Emitted]:
         frame = done.frames[-1]
-        branch = {"context": done.context, "path": done.path[frame.visit + 1:],
-                  "step_usage": {k: v.model_dump() for k, v in done.step_usage.items()}}
+        own = done.path[frame.visit + 1:]  # the steps this branch ran since the fan-out
+        branch = {"path": own, "context": {name: done.context[name] for name in own},
+                  "step_usage": {name: done.step_usage[name].model_dump() for name in own}}
         arrived = await self.joins.arrive(f"{done.run_id}:{frame.step}:{frame.visit}",
                                           frame.branch, canonical_json(branch), frame.total)
         if arrived is None:
             return []
         parallel = self.workflows.get(done.workflow, done.workflow_version).step(frame.step)
         order = parallel.branches if isinstance(parallel, ParallelStep) else sorted(arrived)
-        context: dict[str, Any] = {}
+        # Start from the state at the fan-out; each branch owns only the steps it ran, so an
+        # older output of a step (an earlier loop pass) never overwrites a fresh one.
+        context = dict(done.context)
+        step_usage = dict(done.step_usage)
         path = done.path[:frame.visit + 1]
-        step_usage: dict[str, Usage] = {}
         for head in order:
             part = json.loads(arrived[head])
-            context.update(part["context"])
             path.extend(part["path"])
+            context.update(part["context"])
             for name, used in part["step_usage"].items():
                 step_usage[name] = Usage.model_validate(used)
         joined = done.model_copy(update={"context": context, "path": path,
@@ -341,9 +362,14 @@ class Engine:
         if decision.approved:
             return await self._continue(wf, step, done, None)
         target = step.on_reject if isinstance(step, ApprovalStep) else END
-        if target == END:
-            return await self._finish(wf, done, status="rejected")
-        return [self._move(done, target)]
+        if target != END:
+            return [self._move(done, target)]
+        if done.frames:
+            raise PermanentError(
+                f"step '{step.id}' was rejected inside branch '{done.frames[-1].branch}' of "
+                f"parallel step '{done.frames[-1].step}', and ending the run there would "
+                f"strand the other branches; set on_reject to a step that reaches the join")
+        return await self._finish(wf, done, status="rejected")
 
     def _hand_off(self, msg: StepMessage, request: HandOffRequest, detail: Any) -> HandOff:
         envelope, headers = encode(msg)

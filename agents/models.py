@@ -10,11 +10,13 @@ connections retry with backoff that honours ``Retry-After``, then become a Trans
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import os
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -107,15 +109,36 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:
+    """Seconds the server asked us to wait: retry-after-ms, or retry-after in seconds or as
+    an HTTP date; capped at MAX_RETRY_AFTER_S."""
     headers = exc.response.headers
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
-        if value is not None:
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
             try:
-                return min(max(float(value) * scale, 0.0), MAX_RETRY_AFTER_S)
-            except ValueError:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
                 continue
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
     return None
+
+
+def _retryable(exc: openai.OpenAIError) -> bool:
+    """Rate limits, timeouts, conflicts, server errors and lost connections are retried,
+    as is anything the server marks ``x-should-retry: true``; other errors are not."""
+    if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        hint = exc.response.headers.get("x-should-retry")
+        if hint in ("true", "false"):
+            return hint == "true"
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return False
 
 
 class ModelClient:
@@ -177,8 +200,11 @@ class ModelClient:
             try:
                 completion = await client.chat.completions.create(**kwargs)
                 break
-            except (openai.RateLimitError, openai.InternalServerError,
-                    openai.APITimeoutError, openai.APIConnectionError) as exc:
+            except openai.OpenAIError as exc:
+                if not _retryable(exc):
+                    raise PermanentError(f"model '{model}' rejected the request "
+                                         f"({_describe(exc)}); fix the step or the model "
+                                         f"registry, then replay") from exc
                 if attempt >= retries:
                     raise TransientError(
                         f"model '{model}' failed {attempt + 1} times ({_describe(exc)}); the "
@@ -188,10 +214,6 @@ class ModelClient:
                     delay = min(MAX_BACKOFF_S, 0.5 * 2 ** attempt) * random.uniform(0.8, 1.2)
                 attempt += 1
                 await self._sleep(delay)
-            except openai.APIStatusError as exc:
-                raise PermanentError(f"model '{model}' rejected the request "
-                                     f"({_describe(exc)}); fix the step or the model "
-                                     f"registry, then replay") from exc
         return _result(spec, completion)
 
 

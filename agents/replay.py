@@ -35,9 +35,15 @@ async def replay_run(engine: Engine, recordings: list[StepRecording]) -> list[Re
         raise PermanentError("no recording for this run; set `record: true` on the workflow "
                              "(or AGENTFABRIC_RECORD_RUNS=true) and run it again")
     by_key = {r.idempotency_key: r for r in recordings}
-    first = min(recordings, key=lambda r: int(r.idempotency_key.rsplit(":", 1)[-1]))
-    pending = [decode(first.envelope, [(SCHEMA_HEADER, first.envelope_schema.encode())],
-                      StepMessage)]
+    envelopes = [decode(r.envelope, [(SCHEMA_HEADER, r.envelope_schema.encode())],
+                        StepMessage) for r in recordings]
+    # the run's own first step: no caller, nothing run before it (called workflows' steps
+    # are in the recording too, keyed by the same root run)
+    starts = [m for m in envelopes if m.parent is None and not m.path]
+    if len(starts) != 1:
+        raise ReplayDivergence(f"the recording has {len(starts)} first steps; it should "
+                               f"have one")
+    pending = [starts[0]]
     replayed: list[ReplayedStep] = []
     live_joins = engine.joins
     engine.joins = MemoryJoinStore()  # the replay's parallel joins are its own

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from agentfabric.errors import TransientError
+from agentfabric.errors import PermanentError, TransientError
 from agentfabric.settings import Settings
 
 from .dlq import dead_letter
@@ -39,11 +39,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.owner.revoked.update(revoked)  # the batch loop stops before its next record
         await self.owner.commit(only=set(revoked))
         for tp in revoked:
             self.owner.offsets.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.owner.revoked.difference_update(assigned)
         self.owner.assigned.set()
 
 
@@ -57,6 +59,7 @@ class StepConsumer:
         self.producer = producer
         self.store = store
         self.offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self.revoked: set[TopicPartition] = set()
         self.assigned = asyncio.Event()
         self.processed = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -104,13 +107,15 @@ class StepConsumer:
                         self.handler.name, type(exc).__name__)
             return
         for tp, pos in positions.items():
-            self.offsets[tp].committed(pos)
+            tracker = self.offsets.get(tp)  # a rebalance may have dropped it meanwhile
+            if tracker is not None:
+                tracker.committed(pos)
 
     async def _partition(self, tp: TopicPartition, records: list[ConsumerRecord],
                          stop: asyncio.Event) -> None:
         tracker = self.offsets.setdefault(tp, PartitionOffsets())
         for record in records:
-            if stop.is_set():
+            if stop.is_set() or tp in self.revoked:
                 return
             tracker.start(record.offset)
             try:
@@ -133,7 +138,14 @@ class StepConsumer:
                           record.partition, record.offset)
             handled = Handled([dead_letter(record, exc, group=self.handler.group,
                                            dlq_topic=self.handler.names.dlq)])
-        await self.producer.send_all(handled.messages)
+        try:
+            await self.producer.send_all(handled.messages)
+        except PermanentError as exc:  # e.g. an output too large for the broker
+            log.error("%s: %s; dead-lettering %s[%d]@%d", self.handler.name, exc.reason,
+                      record.topic, record.partition, record.offset)
+            await self.producer.send_all([dead_letter(record, exc, group=self.handler.group,
+                                                      dlq_topic=self.handler.names.dlq)])
+            return
         if handled.ack_key is not None:
             await self.store.acknowledge(handled.ack_key)
 

@@ -20,10 +20,23 @@ from schemas.serde import decode
 from .kafka import Outgoing
 from .reader import read_topic
 
-__all__ = ["SECRET_HEADER", "dead_letter", "read_dead_letters"]
+__all__ = ["SECRET_HEADER", "dead_letter", "read_dead_letters", "redact"]
 
-SECRET_HEADER = re.compile(r"(authorization|secret|token|signature|password|api[-_]?key|cookie)",
-                           re.IGNORECASE)
+SECRET_HEADER = re.compile(r"(authorization|secret|token|signature|password|passwd|api[-_]?key"
+                           r"|cookie|session|credential|hmac)", re.IGNORECASE)
+SECRET_TEXT = re.compile(
+    r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@"          # user:password@ in URLs
+    r"|(?P<kv>\b(?:api[-_]?key|access[-_]?token|token|secret|password|passwd|sig|signature)"
+    r"\s*[=:]\s*)[^\s&,;'\"]+"                                          # key=value / key: value
+    r"|(?P<bearer>\bBearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Mask credentials that may appear in an error message."""
+    def mask(match: re.Match[str]) -> str:
+        prefix = match["scheme"] or match["kv"] or match["bearer"] or ""
+        return f"{prefix}***@" if match["scheme"] else f"{prefix}***"
+    return SECRET_TEXT.sub(mask, text)
 REDACTED = b"[redacted]"
 
 
@@ -39,7 +52,7 @@ def dead_letter(record: ConsumerRecord, error: Exception, *, group: str, dlq_top
     headers = [Header(key=k, value=REDACTED if SECRET_HEADER.search(k) else v)
                for k, v in (record.headers or ())]
     letter = DeadLetter(
-        dead_letter_id=str(uuid.uuid4()), reason=reason, error_type=error_type,
+        dead_letter_id=str(uuid.uuid4()), reason=redact(reason), error_type=error_type,
         topic=record.topic, partition=record.partition, offset=record.offset,
         consumer_group=group, key=record.key, value=record.value, headers=headers,
         run_id=message.run_id if message else None,

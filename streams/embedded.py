@@ -201,11 +201,14 @@ class EmbeddedStack:
         """Stop what ``start`` recorded; returns the processes that were stopped."""
         try:
             data = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
+            recorded = [ManagedProcess(**data[key]) for key in ("broker", "redis")]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if self.state_path.exists():
+                raise StackError(f"{self.state_path} is unreadable ({exc}); stop the processes "
+                                 f"by hand and delete it") from exc
             return []
         stopped = []
-        for key in ("broker", "redis"):
-            proc = ManagedProcess(**data[key])
+        for proc in recorded:
             if self._terminate(proc):
                 stopped.append(proc)
         self.state_path.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """What a consumer does with one record: the router (trigger -> first steps) and the step
 handler (run one step -> next step or result). Both are idempotent through the
 emission store and turn permanent failures into dead letters; infrastructure failures
-(Redis, Kafka) propagate as TransientError for the runtime to retry the record.
+(Redis, Kafka) propagate as UnavailableError for the runtime to rewind and retry the record.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from agentfabric.errors import (
     MessageValidationError,
     PermanentError,
     TransientError,
+    UnavailableError,
 )
-from agents.engine import Engine
+from agents.engine import Engine, root_run_id
 from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
 from schemas.serde import SCHEMA_HEADER, decode, header_value, validation_reason
 
@@ -124,7 +125,8 @@ class RouterHandler(Handler):
 
         async def compute() -> list[Outgoing]:
             try:
-                starts = self.engine.start(event, incoming.decode() if incoming else None)
+                trace = incoming.decode("utf-8", "replace") if incoming else None
+                starts = self.engine.start(event, trace)
             except PermanentError as exc:
                 return self._dead(record, exc)
             return [Outgoing.of(self.names.step(m.workflow, m.step), m.run_id, m,
@@ -154,6 +156,8 @@ class StepHandler(Handler):
         async def compute() -> list[Outgoing]:
             try:
                 run = await self.engine.run_step(message)
+            except UnavailableError:
+                raise  # Kafka/Redis down: the runtime rewinds; not a step attempt
             except TransientError as exc:
                 if message.attempt >= self.max_attempts:
                     exhausted = TransientError(
@@ -168,7 +172,8 @@ class StepHandler(Handler):
                 return self._dead(record, exc, message)
             out = [self._route(emitted) for emitted in run.emitted]
             if run.recording is not None:
-                out.append(Outgoing.of(self.names.recordings, message.run_id, run.recording))
+                out.append(Outgoing.of(self.names.recordings, root_run_id(message),
+                                       run.recording))
             return out
 
         return await self._once(f"step:{message.idempotency_key}:{message.attempt}", compute)

@@ -15,7 +15,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentfabric.errors import TransientError
+from agentfabric.errors import UnavailableError
 
 from .kafka import Outgoing
 
@@ -76,7 +76,10 @@ class RedisEmissionStore:
 
     async def acknowledge(self, key: str) -> None:
         try:
-            await self._redis.hset(self._prefix + key, "acked", "1")
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._prefix + key, "acked", "1")
+                pipe.expire(self._prefix + key, self._ttl_s)
+                await pipe.execute()
         except RedisError as exc:
             raise _unavailable(exc) from exc
 
@@ -101,6 +104,6 @@ class MemoryEmissionStore:
         self.entries[key] = (out, True)
 
 
-def _unavailable(exc: RedisError) -> TransientError:
-    return TransientError(f"Redis is unavailable ({type(exc).__name__}); the message will be "
+def _unavailable(exc: RedisError) -> UnavailableError:
+    return UnavailableError(f"Redis is unavailable ({type(exc).__name__}); the message will be "
                           f"retried when it is back")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentfabric.errors import TransientError
+from agentfabric.errors import UnavailableError
 
 __all__ = ["RedisJoinStore"]
 
@@ -34,7 +34,7 @@ class RedisJoinStore:
                 keys=[self._prefix + key, self._prefix + key + ":emitter"],
                 args=[branch, payload, total, self._ttl_s])
         except RedisError as exc:
-            raise TransientError(f"Redis is unavailable for a parallel join "
+            raise UnavailableError(f"Redis is unavailable for a parallel join "
                                  f"({type(exc).__name__}); the branch will be retried") from exc
         if not found:
             return None

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from agentfabric.errors import TransientError
+from agentfabric.errors import PermanentError, UnavailableError
 from agentfabric.settings import Settings
 from schemas.models import AvroModel
 from schemas.serde import encode
@@ -52,7 +53,7 @@ class Producer:
             await self._producer.start()
         except KafkaError as exc:
             await self._producer.stop()
-            raise TransientError(
+            raise UnavailableError(
                 f"cannot reach Kafka at {self._settings.bootstrap_servers} "
                 f"({type(exc).__name__}); start it with `agentfabric up` or set "
                 f"AGENTFABRIC_BOOTSTRAP_SERVERS") from exc
@@ -61,13 +62,30 @@ class Producer:
         await self._producer.stop()
 
     async def send_all(self, messages: Sequence[Outgoing]) -> None:
+        """Produce every message and wait for every acknowledgement."""
+        futures: list[asyncio.Future[Any]] = []
         try:
-            futures = [await self._producer.send(m.topic, m.value, key=m.key,
-                                                 headers=list(m.headers)) for m in messages]
-            await asyncio.gather(*futures)
+            for m in messages:
+                futures.append(await self._producer.send(m.topic, m.value, key=m.key,
+                                                         headers=list(m.headers)))
         except KafkaError as exc:
-            raise TransientError(f"the broker did not acknowledge a message "
-                                 f"({type(exc).__name__}: {exc})") from exc
+            await asyncio.gather(*futures, return_exceptions=True)  # none left unretrieved
+            raise _translate(exc) from exc
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, KafkaError):
+                raise _translate(result) from result
+            if isinstance(result, BaseException):
+                raise result
+
+
+def _translate(exc: KafkaError) -> PermanentError | UnavailableError:
+    """Errors that resending cannot fix (too large, not authorised) are permanent."""
+    if isinstance(exc, MessageSizeTooLargeError) or not exc.retriable:
+        return PermanentError(f"the broker refused a message ({type(exc).__name__}: {exc}); "
+                              f"it cannot be sent as it is")
+    return UnavailableError(f"the broker did not acknowledge a message "
+                            f"({type(exc).__name__}: {exc})")
 
 
 def make_consumer(settings: Settings, group_id: str | None, *topics: str,
@@ -78,4 +96,5 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str,
         client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_poll_records=settings.max_poll_records, session_timeout_ms=10_000,
-        heartbeat_interval_ms=1_000, rebalance_timeout_ms=10_000)
+        heartbeat_interval_ms=1_000, rebalance_timeout_ms=10_000,
+        max_poll_interval_ms=settings.max_poll_interval_ms)

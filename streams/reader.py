@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from agentfabric.errors import ConfigError, TransientError
+from agentfabric.errors import ConfigError, UnavailableError
 from agentfabric.settings import Settings
 
 from .kafka import make_consumer
@@ -44,7 +44,7 @@ async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
                     if not follow and record.offset + 1 >= end[tp]:
                         remaining.discard(tp)
     except KafkaError as exc:
-        raise TransientError(f"cannot read {topic} from {settings.bootstrap_servers} "
+        raise UnavailableError(f"cannot read {topic} from {settings.bootstrap_servers} "
                              f"({type(exc).__name__}); is the broker up?") from exc
     finally:
         await consumer.stop()

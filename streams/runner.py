@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentfabric.errors import StackError, TransientError
+from agentfabric.errors import StackError, UnavailableError
 from agentfabric.settings import Settings
 from agents.engine import Engine
 
@@ -33,7 +33,7 @@ async def connect_redis(settings: Settings) -> Redis:
         await redis.ping()
     except (RedisError, OSError) as exc:
         await redis.aclose()
-        raise TransientError(f"cannot reach Redis at {settings.secret_free_redis_url} "
+        raise UnavailableError(f"cannot reach Redis at {settings.secret_free_redis_url} "
                              f"({type(exc).__name__}); start it with `agentfabric up` or set "
                              f"AGENTFABRIC_REDIS_URL") from exc
     return redis
@@ -103,6 +103,7 @@ class Worker:
                 raise
             finally:
                 watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
         finally:
             await producer.stop()
             await redis.aclose()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from agentfabric.errors import TransientError
+from agentfabric.errors import UnavailableError
 from agents.workflow import WorkflowSet
 
 __all__ = ["TopicNames", "apply_topics", "required_topics"]
@@ -83,7 +83,7 @@ async def apply_topics(bootstrap_servers: str, topics: list[str], *, partitions:
         response = await admin.create_topics(
             [NewTopic(t, partitions, replication_factor) for t in topics])
     except KafkaError as exc:
-        raise TransientError(f"cannot create topics on {bootstrap_servers} "
+        raise UnavailableError(f"cannot create topics on {bootstrap_servers} "
                              f"({type(exc).__name__}); is the broker up?") from exc
     finally:
         await admin.close()
@@ -94,5 +94,5 @@ async def apply_topics(bootstrap_servers: str, topics: list[str], *, partitions:
         elif code == TOPIC_EXISTS:
             outcome[topic] = "exists"
         else:
-            raise TransientError(f"creating topic {topic} failed with error {code}: {message}")
+            raise UnavailableError(f"creating topic {topic} failed with error {code}: {message}")
     return outcome

@@ -129,16 +129,16 @@ class LlmStep(StepSpec):
                    f"{HEADER_PREFIX}run": msg.run_id}
         usage = Usage()
         output_failures = 0
-        for _ in range(self.max_iterations):
+        for iteration in range(self.max_iterations):
             result = await ctx.models.chat(self.model, messages, tools=tools or None,
                                            response_format=response_format, headers=headers)
             usage = _plus(usage, result.usage)
             messages.append(result.message)
             if result.tool_calls:
                 usage = _plus(usage, Usage(tool_calls=len(result.tool_calls)))
-                for call in result.tool_calls:
-                    messages.append({"role": "tool", "tool_call_id": call.id,
-                                     "content": await self._call_tool(ctx, call)})
+                for index, call in enumerate(result.tool_calls):
+                    messages.append({"role": "tool", "tool_call_id": call.id, "content":
+                                     await self._call_tool(ctx, call, f"{iteration}.{index}")})
                 continue
             problem, output = self._parse(result)
             if problem is None:
@@ -158,7 +158,7 @@ class LlmStep(StepSpec):
                 f"{self.max_iterations} iterations (max_iterations); a person should finish "
                 f"step '{self.id}'"))
 
-    async def _call_tool(self, ctx: StepContext, call: Any) -> str:
+    async def _call_tool(self, ctx: StepContext, call: Any, position: str) -> str:
         if call.name not in self.tools:
             return f"error: no tool named '{call.name}'; you may call: {', '.join(self.tools)}"
         try:
@@ -168,8 +168,9 @@ class LlmStep(StepSpec):
         if not isinstance(arguments, dict):
             return "error: the arguments must be a JSON object"
         msg = ctx.message
+        # stable across attempts (the model's call ids are not): step visit + position
         identity = ToolCall(tool=call.name, tenant=msg.tenant, run_id=msg.run_id,
-                            idempotency_key=f"{msg.idempotency_key}:{call.id}")
+                            idempotency_key=f"{msg.idempotency_key}:tool:{position}")
         try:
             return tool_result_text(await ctx.tools.call(call.name, arguments, identity))
         except ToolError as exc:  # fed back: the model can correct its call

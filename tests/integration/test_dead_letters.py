@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,34 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_complete(
     assert tool_letter.workflow == "invoice_triage"
     assert tool_letter.run_id is not None
     assert "amount" in tool_letter.reason
+
+
+async def test_an_output_too_large_for_the_broker_is_dead_lettered_not_retried_forever(
+        settings: Settings, tmp_path: Path) -> None:
+    """A step whose output the broker can never take must not stall its partition."""
+    import yaml
+
+    from agentfabric.app import publish_events
+    from schemas.models import TriggerEvent
+
+    from .helpers import collect_results
+
+    (tmp_path / "blow_up.yaml").write_text(yaml.safe_dump({
+        "name": "blow_up", "version": 1,
+        "trigger": {"source": "crm", "event_types": ["grow"]},
+        "steps": [{"id": "grow", "kind": "transform",
+                   "output": "{{ replace(input.blob, 'x', 'xxxxxxxxx') }}"}]}))
+    big = settings.model_copy(update={"workflows_dir": tmp_path, "partitions": 1})
+    events = [TriggerEvent(event_id="huge", source="crm", event_type="grow",
+                           payload={"blob": "x" * 110_000}),
+              TriggerEvent(event_id="small", source="crm", event_type="grow",
+                           payload={"blob": "xx"})]
+    async with running_worker(big):
+        await publish_events(big, TopicNames(big.topic_prefix).trigger("crm"), events)
+        [letter] = await collect_dead_letters(big, 1)
+        results = await collect_results(big, "blow_up", 1)
+    assert letter.error_type == "PermanentError"
+    assert "MessageSizeTooLargeError" in letter.reason
+    assert letter.step == "grow" or letter.topic.endswith(".blow_up.grow")
+    assert [r.event_id for r in results] == ["small"], "the partition kept going"
+    assert results[0].output == "x" * 18

@@ -182,3 +182,59 @@ async def test_approval_parks_the_run_until_a_decision(engine: Engine, approved:
     assert isinstance(result, RunResult)
     assert result.status == status
     assert result.output == output
+
+
+async def test_a_join_inside_a_loop_sees_each_pass_fresh_outputs() -> None:
+    doc = yaml.safe_load("""
+name: rounds
+version: 1
+trigger: {source: crm, event_types: [rounds]}
+steps:
+  - {id: again, kind: loop, body: fan, until: "steps.again.iterations >= 2",
+     max_iterations: 2, next: done}
+  - {id: fan, kind: parallel, branches: [a, b], join: both}
+  - {id: a, kind: transform, output: "{{ steps.again.iterations * 10 + 1 }}", next: both}
+  - {id: b, kind: transform, output: "{{ steps.again.iterations * 10 + 2 }}", next: both}
+  - {id: both, kind: transform, output: ["{{ steps.a }}", "{{ steps.b }}"], next: again}
+  - {id: done, kind: transform, output: "{{ steps.both }}"}
+""")
+    engine = Engine(WorkflowSet([parse_workflow(doc, "rounds.yaml")]), default_registry())
+    [message] = engine.start(TriggerEvent(source="crm", event_type="rounds", payload={}))
+    pending, joins, result = [message], [], None
+    while pending:
+        # run branch b before a on every pass: the order must not matter
+        pending.sort(key=lambda m: m.step != "b")
+        for emitted in (await engine.run_step(pending.pop(0))).emitted:
+            if isinstance(emitted, StepMessage):
+                pending.append(emitted)
+                if emitted.step == "both":
+                    joins.append(emitted.context)
+            else:
+                result = emitted
+    assert [(j["a"], j["b"]) for j in joins] == [(1, 2), (11, 12)]
+    assert isinstance(result, RunResult)
+    assert result.output == [11, 12]
+    assert result.step_usage["a"].steps == 2
+    assert result.usage.steps == len(result.path) == 12
+
+
+async def test_a_rejection_inside_a_parallel_branch_does_not_strand_the_join() -> None:
+    doc = yaml.safe_load("""
+name: gated
+version: 1
+trigger: {source: crm, event_types: [gated]}
+steps:
+  - {id: fan, kind: parallel, branches: [ok, other], join: both}
+  - {id: ok, kind: approval, reason: "go?", next: both}
+  - {id: other, kind: transform, output: 1, next: both}
+  - {id: both, kind: transform, output: 2}
+""")
+    engine = Engine(WorkflowSet([parse_workflow(doc, "gated.yaml")]), default_registry())
+    [message] = engine.start(TriggerEvent(source="crm", event_type="gated", payload={}))
+    gate = next(m for m in (await engine.run_step(message)).emitted
+                if isinstance(m, StepMessage) and m.step == "ok")
+    [parked] = (await engine.run_step(gate)).emitted
+    assert isinstance(parked, HandOff)
+    with pytest.raises(PermanentError, match="rejected inside branch 'ok' of parallel step "
+                                             "'fan'"):
+        await engine.resume(parked, Decision(approved=False, by="bob"))

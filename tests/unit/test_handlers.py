@@ -186,3 +186,15 @@ async def test_a_dead_lettered_event_is_not_remembered_so_replay_runs_it(
     # the same bytes replayed after the cause is fixed are handled afresh, not swallowed
     again = await router.handle(record("af.triggers.crm", event, offset=5))
     assert only_dead_letter(again.messages).offset == 5
+
+
+def test_secrets_in_error_messages_never_reach_a_dead_letter() -> None:
+    from streams.dlq import dead_letter
+
+    error = RuntimeError("POST https://bot:hunter2@crm.example/api?api_key=sk-123 failed: "
+                         "Authorization: Bearer eyJabc.def")
+    out = dead_letter(record("af.triggers.crm", b"{}"), error, group="g", dlq_topic="af.dlq")
+    letter = decode(out.value, out.headers, DeadLetter)
+    for secret in ("hunter2", "sk-123", "eyJabc"):
+        assert secret not in letter.reason
+    assert "https://***@crm.example" in letter.reason

@@ -213,3 +213,14 @@ async def test_a_replay_that_takes_another_path_is_reported(
     tampered = run.recording.model_copy(update={"interactions": run.recording.interactions[:1]})
     with pytest.raises(ReplayDivergence, match=r"made call 2 .*the recording has only 1"):
         await replay_run(engine, [tampered])
+
+
+async def test_408_is_retried_and_x_should_retry_false_is_not(server: ModelServerHandle,
+                                                              engine: Engine) -> None:
+    await use_script(server, [FINAL], faults=[{"status": 408, "times": 1}])
+    result = await run_step(engine)
+    assert isinstance(result, RunResult)
+    assert [r["status"] for r in await server_log(server)][-2:] == [408, 200]
+    await use_script(server, [FINAL], faults=[{"status": 400, "times": 1}])
+    with pytest.raises(PermanentError, match="rejected the request"):
+        await run_step(engine)

@@ -83,14 +83,6 @@ def trace_parent_for(run_id: str, key: str, incoming: str | None = None) -> str:
     return f"00-{trace_id}-{span_id}-01"
 
 
-def _add_usage(total: Usage, delta: Usage, steps: int = 1) -> Usage:
-    return Usage(input_tokens=total.input_tokens + delta.input_tokens,
-                 output_tokens=total.output_tokens + delta.output_tokens,
-                 cost_usd=round(total.cost_usd + delta.cost_usd, 10),
-                 steps=total.steps + steps,
-                 tool_calls=total.tool_calls + delta.tool_calls)
-
-
 def root_run_id(msg: StepMessage) -> str:
     """The run that started it all: a called workflow's run belongs to its caller's."""
     while msg.parent is not None:
@@ -100,10 +92,7 @@ def root_run_id(msg: StepMessage) -> str:
 
 
 def _total(step_usage: dict[str, Usage]) -> Usage:
-    total = Usage()
-    for usage in step_usage.values():
-        total = _add_usage(total, usage, steps=usage.steps)
-    return total
+    return sum(step_usage.values(), Usage())
 
 
 @dataclass
@@ -231,9 +220,9 @@ class Engine:
 
     async def _after(self, wf: Workflow, step: StepSpec, msg: StepMessage,
                      outcome: StepOutcome) -> list[Emitted]:
-        step_usage = {**msg.step_usage,
-                      step.id: _add_usage(msg.step_usage.get(step.id, Usage()), outcome.usage)}
-        usage = _add_usage(msg.usage, outcome.usage)
+        spent = outcome.usage.model_copy(update={"steps": 1})  # one step, whatever it used
+        step_usage = {**msg.step_usage, step.id: msg.step_usage.get(step.id, Usage()) + spent}
+        usage = msg.usage + spent
         if outcome.hand_off is not None:
             return [self._hand_off(msg.model_copy(update={"usage": usage,
                                                           "step_usage": step_usage}),
@@ -340,11 +329,10 @@ class Engine:
         caller_wf = self.workflows.get(caller.workflow, caller.workflow_version)
         step = caller_wf.step(done.parent.step)
         step_usage = {**caller.step_usage,
-                      step.id: _add_usage(caller.step_usage.get(step.id, Usage()), done.usage,
-                                          steps=done.usage.steps)}
+                      step.id: caller.step_usage.get(step.id, Usage()) + done.usage}
         resumed = caller.model_copy(update={
             "context": {**caller.context, step.id: output}, "step_usage": step_usage,
-            "usage": _add_usage(caller.usage, done.usage, steps=done.usage.steps)})
+            "usage": caller.usage + done.usage})
         return [result, *await self._continue(caller_wf, step, resumed, None)]
 
     async def resume(self, hand_off: HandOff, decision: Decision) -> list[Emitted]:

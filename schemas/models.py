@@ -88,6 +88,13 @@ class Usage(BaseModel):
     steps: int = Field(default=0, ge=0)
     tool_calls: int = Field(default=0, ge=0)
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(input_tokens=self.input_tokens + other.input_tokens,
+                     output_tokens=self.output_tokens + other.output_tokens,
+                     cost_usd=round(self.cost_usd + other.cost_usd, 10),
+                     steps=self.steps + other.steps,
+                     tool_calls=self.tool_calls + other.tool_calls)
+
 
 class TriggerEvent(AvroModel):
     """A business event; ``event_id`` defaults to a hash of the content so redeliveries dedupe."""

@@ -132,10 +132,10 @@ class LlmStep(StepSpec):
         for iteration in range(self.max_iterations):
             result = await ctx.models.chat(self.model, messages, tools=tools or None,
                                            response_format=response_format, headers=headers)
-            usage = _plus(usage, result.usage)
+            usage += result.usage
             messages.append(result.message)
             if result.tool_calls:
-                usage = _plus(usage, Usage(tool_calls=len(result.tool_calls)))
+                usage += Usage(tool_calls=len(result.tool_calls))
                 for index, call in enumerate(result.tool_calls):
                     messages.append({"role": "tool", "tool_call_id": call.id, "content":
                                      await self._call_tool(ctx, call, f"{iteration}.{index}")})
@@ -195,13 +195,6 @@ class LlmStep(StepSpec):
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-
-
-def _plus(a: Usage, b: Usage) -> Usage:
-    return Usage(input_tokens=a.input_tokens + b.input_tokens,
-                 output_tokens=a.output_tokens + b.output_tokens,
-                 cost_usd=round(a.cost_usd + b.cost_usd, 10),
-                 tool_calls=a.tool_calls + b.tool_calls)
 
 
 def _tool_definition(ctx: StepContext, name: str) -> dict[str, Any]:

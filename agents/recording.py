@@ -64,7 +64,7 @@ def output_bytes(output: Any) -> str:
 
 
 def _chat_record(model: str, result: ChatResult) -> dict[str, Any]:
-    return {"kind": "model", "model": model, "content": result.content,
+    return {"kind": "model", "name": model, "content": result.content,
             "tool_calls": [[c.id, c.name, c.arguments] for c in result.tool_calls],
             "usage": result.usage.model_dump(), "message": result.message}
 
@@ -92,7 +92,7 @@ class InteractionLog:
                                  "configured")
         hits = await self.knowledge.search(collection, tenant, query, k=k, alpha=alpha,
                                            filters=filters)
-        self.entries.append({"kind": "lookup", "collection": collection, "query": query,
+        self.entries.append({"kind": "lookup", "name": collection, "query": query,
                              "hits": [h.model_dump() for h in hits]})
         return hits
 
@@ -115,7 +115,7 @@ class InteractionLog:
 
     async def call(self, name: str, arguments: Mapping[str, Any], call: ToolCall) -> Any:
         result = await self.tools.call(name, arguments, call)
-        self.entries.append({"kind": "tool", "tool": name,
+        self.entries.append({"kind": "tool", "name": name,
                              "arguments": json.loads(canonical_json(dict(arguments))),
                              "result": result})
         return result
@@ -141,12 +141,11 @@ class Replay:
             raise ReplayDivergence(f"step '{self.step}' made call {self.position + 1} ({what}), "
                                    f"but the recording has only {len(self.entries)}")
         entry = self.entries[self.position]
-        recorded = entry.get({"model": "model", "tool": "tool", "lookup": "collection"}
-                             .get(entry["kind"], "kind"))
-        if entry["kind"] != kind or (kind != "model" and recorded != what):
+        # the model's name may change in the registry; a tool or a collection may not
+        if entry["kind"] != kind or (kind != "model" and entry["name"] != what):
             raise ReplayDivergence(f"step '{self.step}' call {self.position + 1}: the replay asked "
                                    f"for {kind} {what}, the recording has {entry['kind']} "
-                                   f"{recorded}")
+                                   f"{entry['name']}")
         self.position += 1
         return entry
 

@@ -23,7 +23,7 @@ from schemas.models import RunResult, TriggerEvent
 from streams.dlq import read_dead_letters
 from streams.embedded import EmbeddedStack
 from streams.kafka import Outgoing, Producer
-from streams.reader import read_topic
+from streams.reader import read_until
 from streams.runner import Worker, background_worker
 from streams.topics import TopicNames
 from tools.knowledge import read_documents
@@ -147,19 +147,14 @@ async def _publish_malformed(s: Settings, names: TopicNames) -> None:
 async def _collect(s: Settings, names: TopicNames, expected: dict[str, set[str]],
                    worker: Worker) -> dict[str, list[RunResult]]:
     """Read each result topic until every expected run has its result."""
-    from schemas.serde import decode
-
     results: dict[str, list[RunResult]] = {}
     for workflow, run_ids in expected.items():
-        found: dict[str, RunResult] = {}
-        stop = asyncio.Event()
-        async for record in read_topic(s, names.results(workflow), follow=True, stop=stop):
-            result = decode(record.value, record.headers, RunResult)
-            if result.run_id in run_ids:
-                found[result.run_id] = result
-            if len(found) == len(run_ids):
-                stop.set()
-            worker.check_alive()
-        results[workflow] = sorted(found.values(), key=lambda r: r.event_id)
+        def complete(found: list[RunResult], ids: set[str] = run_ids) -> bool:
+            return ids <= {r.run_id for r in found}
+
+        found = await read_until(s, names.results(workflow), RunResult, complete,
+                                 each=lambda _: worker.check_alive())
+        ours = {r.run_id: r for r in found if r.run_id in run_ids}
+        results[workflow] = sorted(ours.values(), key=lambda r: r.event_id)
     return results
 

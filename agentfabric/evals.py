@@ -11,9 +11,8 @@ import uuid
 from agents.engine import Engine, run_id_for
 from agents.evals import CaseResult, EvalReport, EvalSuite, check
 from schemas.models import RunResult, TriggerEvent
-from schemas.serde import decode
 from streams.kafka import Outgoing, Producer
-from streams.reader import read_topic
+from streams.reader import read_until
 from streams.runner import background_worker
 from streams.topics import TopicNames
 
@@ -69,18 +68,13 @@ async def _publish_and_collect(
         runs: dict[str, int], timeout_s: float,
 ) -> tuple[dict[str, tuple[RunResult, float]], list[float]]:
     found: dict[str, tuple[RunResult, float]] = {}
-    stop = asyncio.Event()
 
-    async def collect() -> None:
-        async for record in read_topic(settings, names.results(workflow), follow=True,
-                                       stop=stop):
-            result = decode(record.value, record.headers, RunResult)
-            if result.run_id in runs and result.run_id not in found:
-                found[result.run_id] = (result, time.perf_counter())
-                if len(found) == len(runs):
-                    stop.set()
+    def arrived(result: RunResult) -> None:
+        if result.run_id in runs and result.run_id not in found:
+            found[result.run_id] = (result, time.perf_counter())
 
-    reader = asyncio.create_task(collect())
+    reader = asyncio.create_task(read_until(settings, names.results(workflow), RunResult,
+                                            lambda _: len(found) == len(runs), each=arrived))
     producer = Producer(settings, client_id="agentfabric-eval")
     await producer.start()
     sent_at: list[float] = []
@@ -93,6 +87,7 @@ async def _publish_and_collect(
         await producer.stop()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(reader), timeout_s)
-    stop.set()
-    await reader
+    reader.cancel()  # after a timeout: what arrived is in `found`
+    with contextlib.suppress(asyncio.CancelledError):
+        await reader
     return found, sent_at

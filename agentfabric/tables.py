@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from agentfabric.errors import PermanentError
 from agents.evals import EvalReport
 from agents.workflow import WorkflowSet
 from schemas.models import AvroModel, DeadLetter, RunResult, StepMessage, TriggerEvent
-from schemas.serde import decode, header_value
+from schemas.serde import SCHEMA_HEADER, decode, header_value
 from streams.topics import TopicNames
 
 __all__ = ["dead_letters_table", "describe_dead_letter", "eval_table", "results_table",
@@ -91,19 +92,14 @@ def dead_letters_table(letters: Sequence[DeadLetter]) -> Table:
 def _original(d: DeadLetter) -> str:
     if d.value is None:
         return "(no value)"
-    schema = header_value([(h.key, h.value) for h in d.headers], "af-schema")
-    if schema is not None:
-        models: dict[bytes, type[AvroModel]] = {b"step_message": StepMessage,
-                                                b"trigger_event": TriggerEvent}
-        model = models.get(schema.rsplit(b".v", 1)[0])
-        if model is not None:
-            try:
-                decoded: AvroModel = decode(d.value, [(h.key, h.value) for h in d.headers],
-                                            model)
-            except PermanentError:
-                pass  # undecodable: shown raw below
-            else:
-                return decoded.model_dump_json(indent=2)
+    headers = [(h.key, h.value) for h in d.headers]
+    schema = header_value(headers, SCHEMA_HEADER) or b""
+    models: dict[bytes, type[AvroModel]] = {b"step_message": StepMessage,
+                                            b"trigger_event": TriggerEvent}
+    model = models.get(schema.rsplit(b".v", 1)[0])
+    if model is not None:
+        with contextlib.suppress(PermanentError):  # undecodable: shown raw below
+            return decode(d.value, headers, model).model_dump_json(indent=2)
     try:
         return d.value.decode("utf-8")
     except UnicodeDecodeError:

@@ -165,7 +165,7 @@ class WorkflowSet:
                     f"{event.source} (it takes {', '.join(wf.trigger.event_types)} from "
                     f"{wf.trigger.source}); fix the event's workflow or event_type")
             return [wf]
-        chosen = [self.latest(name) for name in self.names() if self.latest(name).accepts(event)]
+        chosen = [wf for wf in map(self.latest, self.names()) if wf.accepts(event)]
         if not chosen:
             known = sorted({t for wf in self if wf.trigger.source == event.source
                             for t in wf.trigger.event_types})

@@ -4,17 +4,23 @@ end offsets, or a follow that keeps going. Used by ``results`` and ``dlq``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from agentfabric.errors import ConfigError, UnavailableError
 from agentfabric.settings import Settings
+from schemas.models import AvroModel
+from schemas.serde import decode
 
 from .kafka import make_consumer
 
-__all__ = ["read_topic"]
+__all__ = ["read_topic", "read_until"]
+
+M = TypeVar("M", bound=AvroModel)
 
 
 async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
@@ -48,3 +54,30 @@ async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
                              f"({type(exc).__name__}); is the broker up?") from exc
     finally:
         await consumer.stop()
+
+
+async def read_until(settings: Settings, topic: str, model: type[M],
+                     enough: Callable[[list[M]], bool], *,
+                     each: Callable[[M], None] | None = None,
+                     within: float | None = None) -> list[M]:
+    """Follow ``topic`` from the start, decoding each message as ``model`` (and handing it
+    to ``each``), until ``enough(found)`` holds; with ``within``, stop after that many
+    seconds and return what was found so far."""
+    found: list[M] = []
+    stop = asyncio.Event()
+
+    async def follow() -> None:
+        async for record in read_topic(settings, topic, follow=True, stop=stop):
+            item = decode(record.value, record.headers, model)
+            found.append(item)
+            if each is not None:
+                each(item)
+            if enough(found):
+                stop.set()
+
+    if within is None:
+        await follow()
+    else:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(follow(), within)
+    return found

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
@@ -13,8 +12,7 @@ from agentfabric.app import build_engine, provision, publish_events
 from agentfabric.settings import Settings
 from agents.engine import run_id_for
 from schemas.models import DeadLetter, RunResult, TriggerEvent
-from schemas.serde import decode
-from streams.reader import read_topic
+from streams.reader import read_until
 from streams.runner import Worker, background_worker
 from streams.topics import TopicNames
 
@@ -116,36 +114,15 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
 async def collect_results(settings: Settings, workflow: str, count: int,
                           within: float = 60) -> list[RunResult]:
     """Read the result topic until ``count`` distinct runs are there (all records kept)."""
-    topic = TopicNames(settings.topic_prefix).results(workflow)
-    found: list[RunResult] = []
-    stop = asyncio.Event()
-
-    async def read() -> None:
-        async for record in read_topic(settings, topic, follow=True, stop=stop):
-            found.append(decode(record.value, record.headers, RunResult))
-            if len({r.run_id for r in found}) >= count:
-                stop.set()
-
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(read(), within)
-    return found
+    return await read_until(settings, TopicNames(settings.topic_prefix).results(workflow),
+                            RunResult, lambda found: len({r.run_id for r in found}) >= count,
+                            within=within)
 
 
 async def collect_dead_letters(settings: Settings, count: int,
                                within: float = 30) -> list[DeadLetter]:
-    topic = TopicNames(settings.topic_prefix).dlq
-    found: list[DeadLetter] = []
-    stop = asyncio.Event()
-
-    async def read() -> None:
-        async for record in read_topic(settings, topic, follow=True, stop=stop):
-            found.append(decode(record.value, record.headers, DeadLetter))
-            if len(found) >= count:
-                stop.set()
-
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(read(), within)
-    return found
+    return await read_until(settings, TopicNames(settings.topic_prefix).dlq, DeadLetter,
+                            lambda found: len(found) >= count, within=within)
 
 
 def check_results(batch: list[Case], results: list[RunResult]) -> None:

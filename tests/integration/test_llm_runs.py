@@ -3,8 +3,6 @@ approvals topic. The model is the local scripted server, reached by the real ope
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +15,7 @@ from agents.engine import run_id_for
 from agents.model_script import ModelScript
 from agents.model_server import ModelServerHandle, serve
 from schemas.models import HandOff, TriggerEvent
-from schemas.serde import decode
-from streams.reader import read_topic
+from streams.reader import read_until
 from streams.topics import TopicNames
 
 from .helpers import collect_results, running_worker
@@ -112,18 +109,9 @@ async def test_a_looping_model_is_handed_off_to_the_approvals_topic(
     from agentfabric.app import publish_events
 
     names = TopicNames(llm_settings.topic_prefix)
-    found: list[HandOff] = []
-    stop = asyncio.Event()
-
-    async def read() -> None:
-        async for record in read_topic(llm_settings, names.approvals, follow=True, stop=stop):
-            found.append(decode(record.value, record.headers, HandOff))
-            stop.set()
-
     async with running_worker(llm_settings):
         await publish_events(llm_settings, names.trigger("crm"), [event("loop.example")])
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(read(), 60)
+        found = await read_until(llm_settings, names.approvals, HandOff, bool, within=60)
     [hand_off] = found
     assert hand_off.run_id == run_id_for(event("loop.example"), "fit_check")
     assert hand_off.step == "fit"

@@ -43,6 +43,25 @@ class Settings(BaseSettings):
         default=600_000, ge=10_000, le=3_600_000,
         description="Longest a batch may take before the consumer leaves its group; raise "
                     "it (or lower max_poll_records) for slow llm steps.")
+    max_in_flight: int = Field(
+        default=64, ge=1, le=10_000,
+        description="Records of one partition in progress at once (different run ids overlap, "
+                    "one run's records stay in order); a step may set its own max_in_flight.")
+    commit_interval_ms: int = Field(
+        default=100, ge=1, le=60_000,
+        description="How often finished offsets are committed (also on revocation and stop).")
+    revoke_timeout_s: float = Field(
+        default=8.0, gt=0, le=300,
+        description="How long a revoked partition's records in flight are awaited before they "
+                    "are abandoned (uncommitted, so the next owner runs them).")
+    step_timeout_s: float = Field(
+        default=300.0, gt=0, le=86_400,
+        description="Longest one step may run; past it the attempt fails as transient and is "
+                    "retried. A step may set its own timeout_s.")
+    tool_timeout_s: float = Field(
+        default=30.0, gt=0, le=3_600,
+        description="Longest one tool call may run; past it the call fails as transient. A step "
+                    "may set its own tool_timeout_s.")
     max_attempts: int = Field(default=3, ge=1, le=100,
                               description="Attempts of a step before a transient failure "
                                           "is dead-lettered.")

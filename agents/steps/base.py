@@ -103,6 +103,19 @@ class StepSpec(BaseModel):
                                                        "finishes the run. Default: the next "
                                                        "step in the file.")
 
+    max_in_flight: int | None = Field(
+        default=None, ge=1, le=10_000,
+        description="Records of one partition this step works on at once (default: the "
+                    "max_in_flight setting).")
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=86_400,
+        description="Longest one attempt of this step may run (default: the step_timeout_s "
+                    "setting); past it the attempt fails as transient and is retried.")
+    tool_timeout_s: float | None = Field(
+        default=None, gt=0, le=3_600,
+        description="Longest one tool call of this step may run (default: the tool_timeout_s "
+                    "setting).")
+
     def compile(self, base_dir: Path) -> None:
         """Parse expressions and templates, read files beside the workflow (``base_dir``);
         raise WorkflowError naming the field."""

@@ -12,11 +12,12 @@ from pydantic import ValidationError
 from agents.engine import Engine
 from agents.loader import load_workflows
 from agents.models import ModelClient, load_registry
+from agents.workflow import WorkflowSet
 from schemas.models import RunResult, StepRecording, TriggerEvent
 from schemas.serde import decode, validation_reason
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_topic
-from streams.topics import TopicNames, apply_topics, required_topics
+from streams.topics import TopicNames, apply_topics
 from tools import default_registry
 from tools.knowledge import KnowledgeBase
 
@@ -32,6 +33,7 @@ __all__ = [
     "publish_events",
     "read_recordings",
     "read_results",
+    "required_topics",
     "resolve_trigger_topic",
     "setup_logging",
 ]
@@ -84,7 +86,18 @@ def build_engine(settings: Settings, models: ModelClient | None = None) -> Engin
     models = models or build_models(settings)
     return Engine(load_workflows(settings.workflows_dir), default_registry(), models=models,
                   knowledge=build_knowledge(settings, models),
-                  max_steps_per_run=settings.max_steps_per_run, record_all=settings.record_runs)
+                  max_steps_per_run=settings.max_steps_per_run, record_all=settings.record_runs,
+                  tool_timeout_s=settings.tool_timeout_s)
+
+
+def required_topics(workflows: WorkflowSet, names: TopicNames) -> list[str]:
+    """Every topic the loaded workflows read or write."""
+    topics = {names.dlq, names.approvals, names.recordings}
+    topics.update(names.trigger(source) for source in workflows.sources())
+    for name in workflows.names():
+        topics.add(names.results(name))
+        topics.update(names.step(name, step) for step in workflows.step_ids(name))
+    return sorted(topics)
 
 
 async def provision(settings: Settings, engine: Engine) -> dict[str, str]:

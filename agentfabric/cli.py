@@ -79,9 +79,9 @@ def topics_apply() -> None:
 @topics_app.command("list")
 def topics_list() -> None:
     """List the topics the loaded workflows need, without touching the broker."""
-    from streams.topics import TopicNames, required_topics
+    from streams.topics import TopicNames
 
-    from .app import build_engine
+    from .app import build_engine, required_topics
 
     s = settings_()
     for topic in required_topics(build_engine(s).workflows, TopicNames(s.topic_prefix)):
@@ -206,9 +206,8 @@ def worker(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
 ) -> None:
     """Run step consumers (and the router) until SIGTERM/SIGINT; in-flight work finishes."""
-    from streams.runner import Worker
-
     from .app import build_engine, setup_logging
+    from .worker import Worker
 
     setup_logging(log_level)
     s = settings_()

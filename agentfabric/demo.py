@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agentfabric.worker import Worker, background_worker
 from agents.engine import Engine, run_id_for
 from agents.model_script import ModelScript
 from agents.model_server import serve
@@ -24,7 +25,6 @@ from streams.dlq import read_dead_letters
 from streams.embedded import EmbeddedStack
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_until
-from streams.runner import Worker, background_worker
 from streams.topics import TopicNames
 from tools.knowledge import read_documents
 

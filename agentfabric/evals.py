@@ -8,12 +8,12 @@ import contextlib
 import time
 import uuid
 
+from agentfabric.worker import background_worker
 from agents.engine import Engine, run_id_for
 from agents.evals import CaseResult, EvalReport, EvalSuite, check
 from schemas.models import RunResult, TriggerEvent
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_until
-from streams.runner import background_worker
 from streams.topics import TopicNames
 
 from .app import provision

@@ -31,7 +31,7 @@ from schemas.models import (
     canonical_json,
     utc_now,
 )
-from schemas.serde import SCHEMA_HEADER, decode, encode
+from schemas.serde import seal, unseal
 from tools.knowledge import KnowledgeBase
 from tools.registry import ToolRegistry
 
@@ -86,8 +86,7 @@ def trace_parent_for(run_id: str, key: str, incoming: str | None = None) -> str:
 def root_run_id(msg: StepMessage) -> str:
     """The run that started it all: a called workflow's run belongs to its caller's."""
     while msg.parent is not None:
-        msg = decode(msg.parent.envelope, [(SCHEMA_HEADER, msg.parent.envelope_schema.encode())],
-                     StepMessage)
+        msg = unseal(msg.parent.envelope, msg.parent.envelope_schema, StepMessage)
     return msg.run_id
 
 
@@ -120,13 +119,18 @@ class Decision:
 
 
 class Engine:
-    """Runs loaded workflows one step at a time."""
+    """Runs loaded workflows one step at a time. A tool call may take ``tool_timeout_s``
+    (a step's own ``tool_timeout_s`` wins); past it the step fails as transient."""
 
     def __init__(self, workflows: WorkflowSet, tools: ToolRegistry, *,
                  models: ModelClient | None = None, knowledge: KnowledgeBase | None = None,
                  joins: JoinStore | None = None,
                  max_steps_per_run: int = 100, record_all: bool = False,
+                 tool_timeout_s: float = 30.0,
                  clock: Callable[[], datetime] = utc_now) -> None:
+        if tool_timeout_s <= 0:
+            raise ConfigError(f"tool_timeout_s must be positive, not {tool_timeout_s}; set "
+                              f"AGENTFABRIC_TOOL_TIMEOUT_S to the seconds one tool call may take")
         self.workflows = workflows
         self.tools = tools
         self.models = models
@@ -134,6 +138,7 @@ class Engine:
         self.joins: JoinStore = joins or MemoryJoinStore()
         self.max_steps_per_run = max_steps_per_run
         self.record_all = record_all
+        self.tool_timeout_s = tool_timeout_s
         self.clock = clock
         self._check_steps()
 
@@ -181,6 +186,10 @@ class Engine:
                 deadline=now + timedelta(seconds=wf.timeout_s) if wf.timeout_s else None))
         return messages
 
+    def tool_timeout_for(self, step: StepSpec) -> float:
+        """Seconds one tool call of ``step`` may take: its own setting, else the engine's."""
+        return self.tool_timeout_s if step.tool_timeout_s is None else step.tool_timeout_s
+
     async def advance(self, msg: StepMessage) -> Emitted:
         """Run a step that emits exactly one message and return it."""
         return (await self.run_step(msg)).next
@@ -201,7 +210,8 @@ class Engine:
                                  f"{msg.deadline.isoformat()} before step '{step.id}'; raise "
                                  f"the workflow's timeout_s or find what slowed it")
         calls: InteractionLog | Replay = (
-            InteractionLog(self.models, self.tools, self.knowledge) if replay is None
+            InteractionLog(self.models, self.tools, self.knowledge, step=step.id,
+                           tool_timeout_s=self.tool_timeout_for(step)) if replay is None
             else Replay(self.tools, replay, step.id))
         outcome = await step.run(StepContext(message=msg, scope=step_scope(msg), tools=calls,
                                              models=calls, knowledge=calls))
@@ -209,11 +219,11 @@ class Engine:
             calls.finished()
         recording = None
         if replay is None and (wf.record or self.record_all):
-            envelope, headers = encode(msg)
+            envelope, schema_id = seal(msg)
             recording = StepRecording(
                 run_id=msg.run_id, workflow=msg.workflow, workflow_version=msg.workflow_version,
                 step=step.id, idempotency_key=msg.idempotency_key, envelope=envelope,
-                envelope_schema=dict(headers)[SCHEMA_HEADER].decode(),
+                envelope_schema=schema_id,
                 interactions=calls.entries, output=output_bytes(outcome.output),
                 recorded_at=now)
         return StepRun(await self._after(wf, step, msg, outcome), outcome.output, recording)
@@ -293,13 +303,12 @@ class Engine:
         depth, parent = 1, done.parent
         while parent is not None:
             depth += 1
-            parent = decode(parent.envelope, [(SCHEMA_HEADER, parent.envelope_schema.encode())],
-                            StepMessage).parent
+            parent = unseal(parent.envelope, parent.envelope_schema, StepMessage).parent
         if depth > MAX_CALL_DEPTH:
             raise PermanentError(f"workflow calls are nested more than {MAX_CALL_DEPTH} deep at "
                                  f"step '{step}'; check for workflows that call each other")
         child = self.workflows.latest(call.workflow)
-        envelope, headers = encode(done)
+        envelope, schema_id = seal(done)
         run_id = str(uuid.uuid5(RUN_NAMESPACE, f"{done.run_id}/{done.idempotency_key}"))
         key = idempotency_key(run_id, child.first_step, 0)
         return StepMessage(
@@ -308,8 +317,7 @@ class Engine:
             trace_parent=trace_parent_for(run_id, key, done.trace_parent), idempotency_key=key,
             input=call.input, context={}, event_id=done.event_id, source=done.source,
             event_type=done.event_type, started_at=self.clock(), deadline=done.deadline,
-            parent=ParentCall(envelope=envelope,
-                              envelope_schema=dict(headers)[SCHEMA_HEADER].decode(), step=step))
+            parent=ParentCall(envelope=envelope, envelope_schema=schema_id, step=step))
 
     async def _finish(self, wf: Workflow, done: StepMessage, status: str = "completed",
                       ) -> list[Emitted]:
@@ -324,8 +332,7 @@ class Engine:
             finished_at=self.clock())
         if done.parent is None:
             return [result]
-        caller = decode(done.parent.envelope,
-                        [(SCHEMA_HEADER, done.parent.envelope_schema.encode())], StepMessage)
+        caller = unseal(done.parent.envelope, done.parent.envelope_schema, StepMessage)
         caller_wf = self.workflows.get(caller.workflow, caller.workflow_version)
         step = caller_wf.step(done.parent.step)
         step_usage = {**caller.step_usage,
@@ -338,8 +345,7 @@ class Engine:
     async def resume(self, hand_off: HandOff, decision: Decision) -> list[Emitted]:
         """Continue a run a person has decided on: approved runs go on, rejected ones go to
         the step's ``on_reject`` (the run ends as rejected by default)."""
-        msg = decode(hand_off.envelope, [(SCHEMA_HEADER, hand_off.envelope_schema.encode())],
-                     StepMessage)
+        msg = unseal(hand_off.envelope, hand_off.envelope_schema, StepMessage)
         wf = self.workflows.get(msg.workflow, msg.workflow_version)
         step = wf.step(msg.step)
         done = msg.model_copy(update={
@@ -360,11 +366,11 @@ class Engine:
         return await self._finish(wf, done, status="rejected")
 
     def _hand_off(self, msg: StepMessage, request: HandOffRequest, detail: Any) -> HandOff:
-        envelope, headers = encode(msg)
+        envelope, schema_id = seal(msg)
         transcript = detail.get("transcript", []) if isinstance(detail, dict) else []
         return HandOff(
             hand_off_id=str(uuid.uuid5(RUN_NAMESPACE, msg.idempotency_key)), kind=request.kind,
             reason=request.reason, run_id=msg.run_id, workflow=msg.workflow,
             workflow_version=msg.workflow_version, step=msg.step, tenant=msg.tenant,
-            envelope=envelope, envelope_schema=dict(headers)[SCHEMA_HEADER].decode(),
-            transcript=transcript, created_at=self.clock())
+            envelope=envelope, envelope_schema=schema_id, transcript=transcript,
+            created_at=self.clock())

@@ -169,12 +169,25 @@ class ModelClient:
 
     def _client(self, provider_name: str) -> openai.AsyncOpenAI:
         if provider_name not in self._clients:
-            provider = self.registry.providers[provider_name]
-            key = self._env.get(provider.api_key_env, "") if provider.api_key_env else ""
-            self._clients[provider_name] = openai.AsyncOpenAI(
-                base_url=provider.base_url, api_key=key or "unused", max_retries=0,
-                timeout=self.timeout_s)
+            self._clients[provider_name] = self._new_client(provider_name)
         return self._clients[provider_name]
+
+    def _new_client(self, provider_name: str) -> openai.AsyncOpenAI:
+        provider = self.registry.providers[provider_name]
+        key = self._env.get(provider.api_key_env, "") if provider.api_key_env else ""
+        return openai.AsyncOpenAI(base_url=provider.base_url, api_key=key or "unused",
+                                  max_retries=0, timeout=self.timeout_s)
+
+    async def _loop_client(self, provider_name: str) -> openai.AsyncOpenAI:
+        """The provider's client; the first one is built in a thread, since building it
+        loads the TLS certificates from disk (tens of milliseconds off the event loop)."""
+        client = self._clients.get(provider_name)
+        if client is None:
+            built = await asyncio.to_thread(self._new_client, provider_name)
+            client = self._clients.setdefault(provider_name, built)
+            if client is not built:  # another call built one meanwhile: keep theirs
+                await built.close()
+        return client
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -186,7 +199,7 @@ class ModelClient:
                    response_format: dict[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> ChatResult:
         spec = self.registry.get(model)
-        client = self._client(spec.provider)
+        client = await self._loop_client(spec.provider)
         kwargs: dict[str, Any] = {"model": spec.model, "messages": messages,
                                   "extra_headers": dict(headers or {}),
                                   "timeout": spec.timeout_s or self.timeout_s}

@@ -6,16 +6,20 @@ topic); a replay runs the same steps against a :class:`Replay` that answers ever
 and tool call from the recording, in order, and fails with :class:`ReplayDivergence` when
 the run asks for something the recording does not have. Same inputs and same answers give
 byte-identical step outputs: determinism at the workflow level, whatever the model does.
+
+Every live tool call passes through :meth:`InteractionLog.call`, which bounds it by the
+step's tool timeout: a tool step's call and the calls a model asks for alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agentfabric.errors import PermanentError
+from agentfabric.errors import PermanentError, TransientError
 from schemas.models import Usage, canonical_json
 from tools.knowledge import KnowledgeBase
 from tools.registry import Tool, ToolCall, ToolRegistry
@@ -78,12 +82,15 @@ def _chat_result(entry: dict[str, Any]) -> ChatResult:
 @dataclass
 class InteractionLog:
     """Wraps the live model client, tool registry and knowledge base, writing down every
-    answer."""
+    answer. A tool call longer than ``tool_timeout_s`` fails as a TransientError (a sync
+    tool's thread cannot be stopped: it runs on, but its answer is dropped)."""
 
     models: ModelClient | None
     tools: ToolRegistry
     knowledge: KnowledgeBase | None = None
     entries: list[dict[str, Any]] = field(default_factory=list)
+    tool_timeout_s: float = 30.0
+    step: str = ""
 
     async def search(self, collection: str, tenant: str, query: str, *, k: int = 5,
                      alpha: float = 1.0, filters: Sequence[Condition] = ()) -> list[Hit]:
@@ -114,7 +121,17 @@ class InteractionLog:
         return result
 
     async def call(self, name: str, arguments: Mapping[str, Any], call: ToolCall) -> Any:
-        result = await self.tools.call(name, arguments, call)
+        try:
+            async with asyncio.timeout(self.tool_timeout_s) as limit:
+                result = await self.tools.call(name, arguments, call)
+        except TimeoutError as exc:
+            if not limit.expired():
+                raise  # not our limit (the registry wraps a tool's own errors anyway)
+            by = f" (step '{self.step}')" if self.step else ""
+            raise TransientError(
+                f"tool '{name}'{by} did not answer within {self.tool_timeout_s:g} s, so the "
+                f"step will be retried; raise the step's tool_timeout_s if the tool is "
+                f"slow, or check the tool") from exc
         self.entries.append({"kind": "tool", "name": name,
                              "arguments": json.loads(canonical_json(dict(arguments))),
                              "result": result})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from agentfabric.errors import PermanentError
 from schemas.models import StepMessage, StepRecording
-from schemas.serde import SCHEMA_HEADER, decode
+from schemas.serde import unseal
 
 from .engine import Engine
 from .joins import MemoryJoinStore
@@ -35,8 +35,7 @@ async def replay_run(engine: Engine, recordings: list[StepRecording]) -> list[Re
         raise PermanentError("no recording for this run; set `record: true` on the workflow "
                              "(or AGENTFABRIC_RECORD_RUNS=true) and run it again")
     by_key = {r.idempotency_key: r for r in recordings}
-    envelopes = [decode(r.envelope, [(SCHEMA_HEADER, r.envelope_schema.encode())],
-                        StepMessage) for r in recordings]
+    envelopes = [unseal(r.envelope, r.envelope_schema, StepMessage) for r in recordings]
     # the run's own first step: no caller, nothing run before it (called workflows' steps
     # are in the recording too, keyed by the same root run)
     starts = [m for m in envelopes if m.parent is None and not m.path]

@@ -148,6 +148,14 @@ class WorkflowSet:
     def sources(self) -> list[str]:
         return sorted({wf.trigger.source for wf in self})
 
+    def step_spec(self, name: str, step_id: str) -> StepSpec | None:
+        """The step ``step_id`` as the newest version of ``name`` that has it declares it."""
+        versions = self._versions(name)
+        for version in sorted(versions, reverse=True):
+            if step_id in versions[version]._by_id:
+                return versions[version].step(step_id)
+        return None
+
     def step_ids(self, name: str) -> list[str]:
         """Every step id of every loaded version of ``name``, first-seen order."""
         ids: dict[str, None] = {}

@@ -3,6 +3,8 @@
 A message carries ``af-schema: <name>.v<N>``; the reader resolves the writer's
 schema from the versions shipped in ``schemas/avro`` and reads it into the latest
 version (Avro schema resolution), so old messages stay readable after an upgrade.
+A message nested inside another (a caller's envelope, a hand-off's, a recording's) keeps
+the same id in a string field beside its bytes: :func:`seal` and :func:`unseal`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = [
     "latest_version",
     "parsed_schema",
     "schema_versions",
+    "seal",
+    "unseal",
     "validation_reason",
 ]
 
@@ -76,11 +80,8 @@ def header_value(headers: KafkaHeaders | None, key: str) -> bytes | None:
 
 def encode(model: AvroModel) -> tuple[bytes, list[tuple[str, bytes]]]:
     """Avro-encode ``model`` with the latest version of its schema; returns value and headers."""
-    version = latest_version(model.avro_name)
-    buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, parsed_schema(model.avro_name, version), model.to_avro())
-    schema_id = f"{model.avro_name}.v{version}".encode()
-    return buf.getvalue(), [(SCHEMA_HEADER, schema_id), (CONTENT_TYPE_HEADER, CONTENT_TYPE)]
+    value, schema_id = seal(model)
+    return value, [(SCHEMA_HEADER, schema_id.encode()), (CONTENT_TYPE_HEADER, CONTENT_TYPE)]
 
 
 def validation_reason(exc: ValidationError) -> str:
@@ -127,3 +128,18 @@ def decode(value: bytes | None, headers: KafkaHeaders | None, model: type[M]) ->
         detail = validation_reason(exc) if isinstance(exc, ValidationError) else str(exc)
         raise MessageValidationError(f"the {model.__name__} does not fit its schema: {detail}") \
             from exc
+
+
+def seal(model: AvroModel) -> tuple[bytes, str]:
+    """Encode ``model`` for nesting inside another message: its bytes and its schema id
+    (``<name>.v<N>``, what the ``envelope_schema`` fields hold)."""
+    version = latest_version(model.avro_name)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, parsed_schema(model.avro_name, version), model.to_avro())
+    return buf.getvalue(), f"{model.avro_name}.v{version}"
+
+
+def unseal(envelope: bytes, schema_id: str, model: type[M]) -> M:
+    """Read a nested message written by :func:`seal`; a wrong or unknown ``schema_id`` is a
+    DecodeError, as for a top-level message."""
+    return decode(envelope, [(SCHEMA_HEADER, schema_id.encode())], model)

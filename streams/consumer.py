@@ -1,12 +1,16 @@
-"""The step-consumer runtime: consume, handle, produce, wait for the broker's ack, and only
-then mark the input offset finished; commit the contiguous finished prefix.
+"""The step-consumer runtime: one consumer-group member running one executor.
 
-Guarantees: a record's offset is committed only after everything it produced is
-acknowledged (at-least-once); a record that fails permanently becomes a dead letter and
-the consumer goes on; an infrastructure failure (Redis or Kafka down) rewinds the
-partition to that record and retries it after a backoff, without committing past it.
-On stop, the record in progress finishes, finished offsets are committed, and the
-rest is left for the next owner of the partition.
+Each assigned partition has a window of records in flight (``streams.window``): records of
+different runs overlap, one run's records stay in order, and a full window pauses its
+partition. Every record goes through the stages of ``streams.stages``. Finished offsets are
+committed every ``commit_interval_ms`` at the contiguous finished prefix, and on revocation
+and stop, so a record's offset is committed only after everything it produced is
+acknowledged (at-least-once). There is no barrier across partitions.
+
+When Kafka or Redis is unavailable a record is tried again in place after a backoff; its
+window fills and its partition pauses, and no commit passes it. On revocation a partition
+takes nothing more and its records in flight are awaited up to ``revoke_timeout_s``, then
+abandoned uncommitted; on stop the same happens to every partition.
 """
 
 from __future__ import annotations
@@ -14,21 +18,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from agentfabric.errors import PermanentError, TransientError
+from agentfabric.errors import TransientError, UnavailableError
 from agentfabric.settings import Settings
 
-from .dlq import dead_letter
-from .handlers import Handled, Handler
-from .idempotency import EmissionStore
-from .kafka import Producer, make_consumer
-from .offsets import PartitionOffsets
+from .executor import Executor
+from .kafka import make_consumer
+from .stages import Pipeline, Stage
+from .window import PartitionWindow
 
-__all__ = ["StepConsumer"]
+__all__ = ["RETRY_BACKOFF_S", "StepConsumer"]
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -39,64 +44,121 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.owner.revoked.update(revoked)  # the batch loop stops before its next record
-        await self.owner.commit(only=set(revoked))
-        for tp in revoked:
-            self.owner.offsets.pop(tp, None)
+        await self.owner.release(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.owner.revoked.difference_update(assigned)
         self.owner.assigned.set()
 
 
 class StepConsumer:
-    """Runs one handler (the router, or one workflow step) as one consumer-group member."""
+    """Runs one executor (the router, or one workflow step) as one consumer-group member."""
 
-    def __init__(self, settings: Settings, handler: Handler, producer: Producer,
-                 store: EmissionStore) -> None:
+    def __init__(self, settings: Settings, executor: Executor, stages: Sequence[Stage]) -> None:
         self.settings = settings
-        self.handler = handler
-        self.producer = producer
-        self.store = store
-        self.offsets: dict[TopicPartition, PartitionOffsets] = {}
-        self.revoked: set[TopicPartition] = set()
+        self.executor = executor
+        self.pipeline = Pipeline(executor, stages)
+        self.windows: dict[TopicPartition, PartitionWindow] = {}
         self.assigned = asyncio.Event()
         self.processed = 0
         self._consumer: AIOKafkaConsumer | None = None
-        self._failures = 0
+        self._paused: set[TopicPartition] = set()
+        self._releasing: set[TopicPartition] = set()
+        self._stop: asyncio.Event = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self.executor.name
 
     async def run(self, stop: asyncio.Event) -> None:
-        consumer = make_consumer(self.settings, self.handler.group,
-                                 client_id=f"agentfabric-{self.handler.name}")
-        consumer.subscribe(topics=self.handler.topics, listener=_Rebalance(self))
+        self._stop = stop
+        consumer = make_consumer(self.settings, self.executor.group,
+                                 client_id=f"agentfabric-{self.executor.name}")
+        consumer.subscribe(topics=list(self.executor.topics), listener=_Rebalance(self))
         self._consumer = consumer
         try:
             await consumer.start()
         except KafkaError as exc:
             await consumer.stop()
-            raise TransientError(f"consumer {self.handler.name} cannot reach Kafka at "
-                                 f"{self.settings.bootstrap_servers} ({type(exc).__name__})"
-                                 ) from exc
+            self._consumer = None
+            raise UnavailableError(f"consumer {self.executor.name} cannot reach Kafka at "
+                                   f"{self.settings.bootstrap_servers} ({type(exc).__name__})"
+                                   ) from exc
+        interval = self.settings.commit_interval_ms / 1000
+        last_commit = time.monotonic()
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=200)
-                if batch:
-                    await asyncio.gather(*(self._partition(tp, records, stop)
-                                           for tp, records in batch.items()))
+                batch = await consumer.getmany(timeout_ms=min(100, self.settings
+                                                              .commit_interval_ms))
+                for tp, records in batch.items():
+                    if tp in self._releasing:
+                        continue  # fetched before its revocation: the next owner reads it
+                    self._window(tp).offer(records)
+                    self._flow(tp)
+                if time.monotonic() - last_commit >= interval:
                     await self.commit()
+                    last_commit = time.monotonic()
         finally:
             try:
-                await self.commit()
+                await self.release(list(self.windows))
             finally:
                 await consumer.stop()
                 self._consumer = None
 
-    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+    def _window(self, tp: TopicPartition) -> PartitionWindow:
+        window = self.windows.get(tp)
+        if window is None:
+            window = PartitionWindow(self.executor.max_in_flight, self._work,
+                                     on_change=lambda: self._flow(tp))
+            self.windows[tp] = window
+        return window
+
+    def _flow(self, tp: TopicPartition) -> None:
+        """Pause a partition whose window is full; resume it once there is room."""
+        consumer, window = self._consumer, self.windows.get(tp)
+        if consumer is None or window is None or window.closed:
+            return
+        try:
+            if window.full and tp not in self._paused:
+                consumer.pause(tp)
+                self._paused.add(tp)
+            elif not window.full and tp in self._paused:
+                consumer.resume(tp)
+                self._paused.discard(tp)
+        except (KafkaError, AssertionError, KeyError):  # unassigned meanwhile
+            self._paused.discard(tp)
+
+    async def _work(self, record: ConsumerRecord, window: PartitionWindow) -> bool:
+        """One record through the stages; True once its output is acknowledged."""
+        failures = 0
+        while True:
+            try:
+                await self.pipeline.run(record)
+            except (TransientError, UnavailableError) as exc:
+                problem = exc.reason
+            except Exception as exc:
+                log.exception("%s: unexpected failure on %s[%d]@%d", self.executor.name,
+                              record.topic, record.partition, record.offset)
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                self.processed += 1
+                return True
+            if window.closed or self._stop.is_set():
+                return False
+            delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
+            failures += 1
+            log.warning("%s: %s; trying %s[%d]@%d again in %.1fs", self.executor.name,
+                        problem, record.topic, record.partition, record.offset, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def commit(self, only: Sequence[TopicPartition] | None = None) -> None:
         consumer = self._consumer
         if consumer is None:
             return
-        positions = {tp: pos for tp, tracker in self.offsets.items()
-                     if (only is None or tp in only) and (pos := tracker.to_commit()) is not None}
+        chosen = self.windows if only is None else {tp: self.windows[tp] for tp in only
+                                                    if tp in self.windows}
+        positions = {tp: pos for tp, window in chosen.items()
+                     if (pos := window.offsets.to_commit()) is not None}
         if not positions:
             return
         try:
@@ -104,59 +166,33 @@ class StepConsumer:
         except KafkaError as exc:
             # The records stay uncommitted and come back; idempotent steps absorb them.
             log.warning("commit failed for %s (%s); records will be redelivered",
-                        self.handler.name, type(exc).__name__)
+                        self.executor.name, type(exc).__name__)
             return
         for tp, pos in positions.items():
-            tracker = self.offsets.get(tp)  # a rebalance may have dropped it meanwhile
-            if tracker is not None:
-                tracker.committed(pos)
+            window = self.windows.get(tp)  # a rebalance may have dropped it meanwhile
+            if window is not None:
+                window.offsets.committed(pos)
 
-    async def _partition(self, tp: TopicPartition, records: list[ConsumerRecord],
-                         stop: asyncio.Event) -> None:
-        tracker = self.offsets.setdefault(tp, PartitionOffsets())
-        for record in records:
-            if stop.is_set() or tp in self.revoked:
-                return
-            tracker.start(record.offset)
-            try:
-                await self._process(record)
-            except TransientError as exc:
-                tracker.abandon_from(record.offset)
-                await self._rewind(tp, record, exc, stop)
-                return
-            tracker.finish(record.offset)
-            self.processed += 1
-            self._failures = 0
-
-    async def _process(self, record: ConsumerRecord) -> None:
-        try:
-            handled = await self.handler.handle(record)
-        except TransientError:
-            raise
-        except Exception as exc:  # never crash the consumer: the record becomes a dead letter
-            log.exception("handler %s failed on %s[%d]@%d", self.handler.name, record.topic,
-                          record.partition, record.offset)
-            handled = Handled([dead_letter(record, exc, group=self.handler.group,
-                                           dlq_topic=self.handler.names.dlq)])
-        try:
-            await self.producer.send_all(handled.messages)
-        except PermanentError as exc:  # e.g. an output too large for the broker
-            log.error("%s: %s; dead-lettering %s[%d]@%d", self.handler.name, exc.reason,
-                      record.topic, record.partition, record.offset)
-            await self.producer.send_all([dead_letter(record, exc, group=self.handler.group,
-                                                      dlq_topic=self.handler.names.dlq)])
+    async def release(self, partitions: Sequence[TopicPartition]) -> None:
+        """Stop taking records of ``partitions``, await their records in flight up to the
+        bound, commit what finished, and forget them."""
+        windows = [(tp, self.windows[tp]) for tp in partitions if tp in self.windows]
+        if not windows:
             return
-        if handled.ack_key is not None:
-            await self.store.acknowledge(handled.ack_key)
+        self._releasing.update(tp for tp, _ in windows)
+        try:
+            await self._release(windows)
+        finally:
+            self._releasing.difference_update(tp for tp, _ in windows)
 
-    async def _rewind(self, tp: TopicPartition, record: ConsumerRecord, exc: TransientError,
-                      stop: asyncio.Event) -> None:
-        delay = RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S) - 1)]
-        self._failures += 1
-        log.warning("%s: %s; retrying %s[%d]@%d in %.1fs", self.handler.name, exc.reason,
-                    record.topic, record.partition, record.offset, delay)
-        if self._consumer is not None:
-            with contextlib.suppress(KafkaError, AssertionError):
-                self._consumer.seek(tp, record.offset)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
+    async def _release(self, windows: list[tuple[TopicPartition, PartitionWindow]]) -> None:
+        abandoned = await asyncio.gather(*(w.close(self.settings.revoke_timeout_s)
+                                           for _, w in windows))
+        if any(abandoned):
+            log.warning("%s: %d records still in flight after %.1fs were abandoned "
+                        "uncommitted; the partition's next owner runs them",
+                        self.executor.name, sum(abandoned), self.settings.revoke_timeout_s)
+        await self.commit([tp for tp, _ in windows])
+        for tp, _ in windows:
+            self.windows.pop(tp, None)
+            self._paused.discard(tp)

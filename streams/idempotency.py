@@ -13,10 +13,9 @@ import json
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
 
-from agentfabric.errors import UnavailableError
-
+from .batching import PipelinedRedis
 from .kafka import Outgoing
 
 __all__ = ["EmissionStore", "MemoryEmissionStore", "Recall", "RedisEmissionStore"]
@@ -48,40 +47,40 @@ class EmissionStore(Protocol):
 
     async def acknowledge(self, key: str) -> None: ...
 
+    async def forget(self, key: str) -> None:
+        """Drop a stored output that could not be sent, so a replay computes it afresh."""
+
 
 class RedisEmissionStore:
-    """The store in Redis, shared by every replica; entries expire after ``ttl_s``."""
+    """The store in Redis, shared by every replica; entries expire after ``ttl_s``.
+    Concurrent records share round trips (see ``streams.batching``)."""
 
-    def __init__(self, redis: Redis, prefix: str, ttl_s: int) -> None:
-        self._redis = redis
+    def __init__(self, redis: Redis | PipelinedRedis, prefix: str, ttl_s: int) -> None:
+        self._redis = redis if isinstance(redis, PipelinedRedis) else PipelinedRedis(redis)
         self._prefix = f"{prefix}:emitted:"
         self._ttl_s = ttl_s
 
     async def recall(self, key: str) -> Recall:
-        try:
-            entry = await self._redis.hgetall(self._prefix + key)
-        except RedisError as exc:
-            raise _unavailable(exc) from exc
+        [entry] = await self._redis.execute(lambda pipe: pipe.hgetall(self._prefix + key))
         out = entry.get(b"out")
         return (_load(out) if out is not None else None), entry.get(b"acked") == b"1"
 
     async def remember(self, key: str, messages: list[Outgoing]) -> None:
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._prefix + key, "out", _dump(messages))
-                pipe.expire(self._prefix + key, self._ttl_s)
-                await pipe.execute()
-        except RedisError as exc:
-            raise _unavailable(exc) from exc
+        text = _dump(messages)
+
+        def build(pipe: Pipeline) -> None:
+            pipe.hset(self._prefix + key, "out", text)
+            pipe.expire(self._prefix + key, self._ttl_s)
+        await self._redis.execute(build)
 
     async def acknowledge(self, key: str) -> None:
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._prefix + key, "acked", "1")
-                pipe.expire(self._prefix + key, self._ttl_s)
-                await pipe.execute()
-        except RedisError as exc:
-            raise _unavailable(exc) from exc
+        def build(pipe: Pipeline) -> None:
+            pipe.hset(self._prefix + key, "acked", "1")
+            pipe.expire(self._prefix + key, self._ttl_s)
+        await self._redis.execute(build)
+
+    async def forget(self, key: str) -> None:
+        await self._redis.execute(lambda pipe: pipe.delete(self._prefix + key))
 
 
 class MemoryEmissionStore:
@@ -103,7 +102,6 @@ class MemoryEmissionStore:
         out, _ = self.entries[key]
         self.entries[key] = (out, True)
 
+    async def forget(self, key: str) -> None:
+        self.entries.pop(key, None)
 
-def _unavailable(exc: RedisError) -> UnavailableError:
-    return UnavailableError(f"Redis is unavailable ({type(exc).__name__}); the message will be "
-                          f"retried when it is back")

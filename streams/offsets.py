@@ -1,9 +1,10 @@
-"""Per-message offset bookkeeping: commit only the contiguous prefix of finished offsets.
+"""Per-partition offset bookkeeping: commit only the contiguous prefix of finished offsets.
 
-Each consumed offset is ``start``-ed, then ``finish``-ed when its output is acknowledged.
-The committable position is one past the highest offset below which everything is
-finished, so messages may finish out of order (concurrent processing within a
-partition) without a commit ever skipping unfinished work.
+Each consumed offset is ``start``-ed in offset order, then ``finish``-ed when its output is
+acknowledged. Offsets may finish in any order (many records of a partition are in flight at
+once); the committable position is one past the highest offset below which everything is
+finished, so a commit never skips unfinished work and a crash redelivers only what was not
+finished.
 """
 
 from __future__ import annotations
@@ -18,16 +19,21 @@ class PartitionOffsets:
         self._window: OrderedDict[int, bool] = OrderedDict()
         self._position: int | None = None
         self._committed: int | None = None
+        self._unfinished = 0
 
     def start(self, offset: int) -> None:
         if self._window and offset <= next(reversed(self._window)):
             raise ValueError(f"offset {offset} started out of order")
+        if not self._window and self._position is not None and offset < self._position:
+            raise ValueError(f"offset {offset} is below the finished position {self._position}")
         self._window[offset] = False
+        self._unfinished += 1
 
     def finish(self, offset: int) -> None:
-        if offset not in self._window:
-            raise KeyError(f"offset {offset} was not started")
+        if self._window.get(offset) is not False:
+            raise KeyError(f"offset {offset} was not started or is already finished")
         self._window[offset] = True
+        self._unfinished -= 1
         while self._window:
             first, done = next(iter(self._window.items()))
             if not done:
@@ -35,14 +41,15 @@ class PartitionOffsets:
             self._window.popitem(last=False)
             self._position = first + 1
 
-    def abandon_from(self, offset: int) -> None:
-        """Forget ``offset`` and later ones (they will be fetched again after a seek)."""
-        for pending in [o for o in self._window if o >= offset]:
-            del self._window[pending]
-
     @property
     def in_flight(self) -> int:
-        return sum(1 for done in self._window.values() if not done)
+        """Started and not finished."""
+        return self._unfinished
+
+    @property
+    def position(self) -> int | None:
+        """One past the contiguous finished prefix (None before anything finished)."""
+        return self._position
 
     def to_commit(self) -> int | None:
         """The position to commit, or None if nothing new is finished."""

@@ -18,9 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from agentfabric.errors import UnavailableError
-from agents.workflow import WorkflowSet
 
-__all__ = ["TopicNames", "apply_topics", "required_topics"]
+__all__ = ["TopicNames", "apply_topics"]
 
 TOPIC_EXISTS = 36
 
@@ -61,16 +60,6 @@ class TopicNames:
         """The source a trigger topic carries, or None if ``topic`` is not a trigger topic."""
         head = f"{self.prefix}.triggers."
         return topic[len(head):] if topic.startswith(head) and len(topic) > len(head) else None
-
-
-def required_topics(workflows: WorkflowSet, names: TopicNames) -> list[str]:
-    """Every topic the loaded workflows read or write."""
-    topics = {names.dlq, names.approvals, names.recordings}
-    topics.update(names.trigger(source) for source in workflows.sources())
-    for name in workflows.names():
-        topics.add(names.results(name))
-        topics.update(names.step(name, step) for step in workflows.step_ids(name))
-    return sorted(topics)
 
 
 async def apply_topics(bootstrap_servers: str, topics: list[str], *, partitions: int,

@@ -1,15 +1,20 @@
 """The tool registry: named Python tools with validated arguments.
 
 A tool is an ordinary function (sync or async) registered with a pydantic model of its
-arguments. The full gateway (scopes, rate limits, circuit breaker, approvals) wraps
+arguments. An async tool is awaited on the event loop; a sync one runs in a worker thread
+(``asyncio.to_thread``), so a slow or blocking tool never stalls the other records in
+flight. The full gateway (scopes, rate limits, circuit breaker, approvals) wraps
 ``ToolRegistry.call`` in a later issue; this module owns lookup and argument validation.
+The time limit of a call is the engine's (``tool_timeout_s``), applied around ``call``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -39,6 +44,17 @@ class Tool:
     args_model: type[BaseModel]
     description: str
     wants_call: bool
+    is_async: bool = False
+
+    @cached_property
+    def parameters(self) -> dict[str, Any]:
+        """The JSON schema of the arguments (as offered to a model), built once."""
+        return self.args_model.model_json_schema()
+
+
+def _is_async(fn: ToolFn) -> bool:
+    # a coroutine function, or an object whose class defines ``async def __call__``
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 class ToolRegistry:
@@ -54,7 +70,7 @@ class ToolRegistry:
                 raise ConfigError(f"tool '{name}' is registered twice")
             wants_call = "call" in inspect.signature(fn).parameters
             self._tools[name] = Tool(name, fn, args, description or (fn.__doc__ or "").strip(),
-                                     wants_call)
+                                     wants_call, _is_async(fn))
             return fn
         return decorator
 
@@ -77,8 +93,11 @@ class ToolRegistry:
                             f"fix the step's args") from exc
         kwargs: dict[str, Any] = {"call": call} if tool.wants_call else {}
         try:
-            result = tool.fn(args, **kwargs)
-            if inspect.isawaitable(result):
+            if tool.is_async:
+                result = tool.fn(args, **kwargs)
+            else:  # blocking code stays off the event loop
+                result = await asyncio.to_thread(tool.fn, args, **kwargs)
+            if inspect.isawaitable(result):  # a sync function that returned a coroutine
                 result = await result
         except AgentFabricError:
             raise

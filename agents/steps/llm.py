@@ -59,6 +59,7 @@ class LlmStep(StepSpec):
     _system: Template | None = PrivateAttr(default=None)
     _prompt: Template = PrivateAttr()
     _schema: dict[str, Any] | None = PrivateAttr(default=None)
+    _validator: jsonschema.Draft202012Validator | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_source_each(self) -> LlmStep:
@@ -101,6 +102,7 @@ class LlmStep(StepSpec):
                 raise WorkflowError(f"not a valid JSON schema: {exc.message}", step=self.id,
                                     field=field) from exc
             self._schema = schema
+            self._validator = jsonschema.Draft202012Validator(schema)  # built once, not per reply
 
     def expressions(self) -> Iterator[tuple[str, Expression]]:
         if self._system is not None:
@@ -178,14 +180,13 @@ class LlmStep(StepSpec):
 
     def _parse(self, result: ChatResult) -> tuple[str | None, Any]:
         content = result.content or ""
-        if self._schema is None:
+        if self._validator is None:
             return None, content
         try:
             value = json.loads(content)
         except json.JSONDecodeError as exc:
             return f"it is not JSON ({exc.msg} at position {exc.pos})", None
-        errors = sorted(jsonschema.Draft202012Validator(self._schema).iter_errors(value),
-                        key=lambda e: list(e.path))
+        errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
         if errors:
             first = errors[0]
             where = "/".join(str(p) for p in first.path) or "the top level"
@@ -201,4 +202,4 @@ def _tool_definition(ctx: StepContext, name: str) -> dict[str, Any]:
     tool = ctx.tools.get(name)
     return {"type": "function", "function": {
         "name": name, "description": tool.description or name,
-        "parameters": tool.args_model.model_json_schema()}}
+        "parameters": tool.parameters}}

@@ -10,10 +10,10 @@ from typing import Any
 
 from agentfabric.app import build_engine, provision, publish_events
 from agentfabric.settings import Settings
+from agentfabric.worker import Worker, background_worker
 from agents.engine import run_id_for
 from schemas.models import DeadLetter, RunResult, TriggerEvent
 from streams.reader import read_until
-from streams.runner import Worker, background_worker
 from streams.topics import TopicNames
 
 # (domain, employees, industry) from tools/data/accounts.csv, restated here as the oracle

@@ -1,25 +1,58 @@
-"""Router and step handlers with the in-memory store: decoding, dead letters, emit-once."""
+"""The router and step executors through the runtime's stages (decode, dedupe, execute, route)
+with the in-memory store: decoding, dead letters, emit-once."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord
 
+from agentfabric.executors import RouterExecutor, StepExecutor
+from agentfabric.settings import Settings
 from agents.engine import Engine
 from agents.loader import load_workflows
 from schemas.models import DeadLetter, RunResult, StepMessage, TriggerEvent
 from schemas.serde import decode, encode
-from streams.handlers import RouterHandler, StepHandler
+from streams.executor import Executor
 from streams.idempotency import MemoryEmissionStore
 from streams.kafka import Outgoing
+from streams.stages import Dedupe, Pipeline, execute, route
+from streams.stages import decode as decode_stage
 from streams.topics import TopicNames
 from tools import default_registry
 
 NAMES = TopicNames("af")
+
+
+@dataclass
+class Handled:
+    messages: list[Outgoing]
+    ack_key: str | None
+
+
+class Handler:
+    """The inner stages of the runtime: what a record makes, before it is sent."""
+
+    def __init__(self, executor: Executor, store: MemoryEmissionStore) -> None:
+        self.pipeline = Pipeline(executor, [decode_stage, Dedupe(store), execute, route])
+
+    async def handle(self, rec: ConsumerRecord[bytes, bytes]) -> Handled:
+        work = await self.pipeline.run(rec)
+        return Handled(work.outputs, work.ack_key)
+
+
+def router_of(engine: Engine, store: MemoryEmissionStore) -> Handler:
+    return Handler(RouterExecutor(engine, NAMES, Settings()), store)
+
+
+def step_handler(engine: Engine, store: MemoryEmissionStore, workflow: str, step: str,
+                 max_attempts: int) -> Handler:
+    executor = StepExecutor(engine, NAMES, Settings(max_attempts=max_attempts), workflow, step)
+    return Handler(executor, store)
 
 
 def record(topic: str, value: bytes | None, headers: list[tuple[str, bytes]] | None = None,
@@ -52,7 +85,7 @@ def only_dead_letter(messages: list[Outgoing]) -> DeadLetter:
 
 async def test_router_accepts_plain_json_from_foreign_producers(
         engine: Engine, store: MemoryEmissionStore) -> None:
-    router = RouterHandler(engine, NAMES, store)
+    router = router_of(engine, store)
     handled = await router.handle(record("af.triggers.crm", lead_json()))
     [out] = handled.messages
     assert out.topic == "af.lead_enrichment.normalise"
@@ -67,7 +100,7 @@ async def test_router_accepts_avro_and_keeps_incoming_trace(
     value, headers = encode(TriggerEvent(source="crm", event_type="lead.created",
                                          payload={"email": "a@b.co"}))
     trace = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
-    handled = await RouterHandler(engine, NAMES, store).handle(
+    handled = await router_of(engine, store).handle(
         record("af.triggers.crm", value, [*headers, ("traceparent", trace.encode())]))
     message = decode(handled.messages[0].value, handled.messages[0].headers, StepMessage)
     assert message.trace_parent is not None
@@ -87,7 +120,7 @@ async def test_router_accepts_avro_and_keeps_incoming_trace(
 ])
 async def test_router_dead_letters_bad_events(engine: Engine, store: MemoryEmissionStore,
                                               value: bytes, error: str, fragment: str) -> None:
-    handled = await RouterHandler(engine, NAMES, store).handle(
+    handled = await router_of(engine, store).handle(
         record("af.triggers.crm", value, [("authorization", b"Bearer s3cret")]))
     letter = only_dead_letter(handled.messages)
     assert letter.error_type == error
@@ -99,7 +132,7 @@ async def test_router_dead_letters_bad_events(engine: Engine, store: MemoryEmiss
 
 async def test_redelivery_after_ack_emits_nothing(engine: Engine,
                                                   store: MemoryEmissionStore) -> None:
-    router = RouterHandler(engine, NAMES, store)
+    router = router_of(engine, store)
     first = await router.handle(record("af.triggers.crm", lead_json()))
     assert first.ack_key is not None
     await store.acknowledge(first.ack_key)
@@ -109,7 +142,7 @@ async def test_redelivery_after_ack_emits_nothing(engine: Engine,
 
 async def test_redelivery_before_ack_re_emits_the_same_bytes(
         engine: Engine, store: MemoryEmissionStore) -> None:
-    router = RouterHandler(engine, NAMES, store)
+    router = router_of(engine, store)
     first = await router.handle(record("af.triggers.crm", lead_json()))
     again = await router.handle(record("af.triggers.crm", lead_json()))
     assert again.messages == first.messages
@@ -117,12 +150,12 @@ async def test_redelivery_before_ack_re_emits_the_same_bytes(
 
 async def walk(engine: Engine, store: MemoryEmissionStore, value: bytes) -> list[Outgoing]:
     """Route one event and run its steps until a result or a dead letter."""
-    messages = (await RouterHandler(engine, NAMES, store).handle(
+    messages = (await router_of(engine, store).handle(
         record("af.triggers.erp", value))).messages
     while messages and not messages[0].topic.startswith(("af.results.", "af.dlq")):
         out = messages[0]
         workflow, step = out.topic.split(".")[1:]
-        handler = StepHandler(engine, NAMES, store, workflow, step, max_attempts=3)
+        handler = step_handler(engine, store, workflow, step, 3)
         messages = (await handler.handle(record(out.topic, out.value, list(out.headers)))).messages
     return messages
 
@@ -158,12 +191,12 @@ async def test_transient_step_failure_retries_then_dead_letters(
         raise TransientError("the CRM is unavailable")
 
     monkeypatch.setattr(engine.tools, "call", unavailable)
-    [first] = (await RouterHandler(engine, NAMES, store).handle(
+    [first] = (await router_of(engine, store).handle(
         record("af.triggers.crm", lead_json()))).messages
-    normalise = StepHandler(engine, NAMES, store, "lead_enrichment", "normalise", 2)
+    normalise = step_handler(engine, store, "lead_enrichment", "normalise", 2)
     [to_enrich] = (await normalise.handle(record(first.topic, first.value,
                                                  list(first.headers)))).messages
-    enrich = StepHandler(engine, NAMES, store, "lead_enrichment", "enrich", 2)
+    enrich = step_handler(engine, store, "lead_enrichment", "enrich", 2)
     [retry] = (await enrich.handle(record(to_enrich.topic, to_enrich.value,
                                           list(to_enrich.headers)))).messages
     assert retry.topic == to_enrich.topic
@@ -177,7 +210,7 @@ async def test_transient_step_failure_retries_then_dead_letters(
 
 async def test_a_dead_lettered_event_is_not_remembered_so_replay_runs_it(
         engine: Engine, store: MemoryEmissionStore) -> None:
-    router = RouterHandler(engine, NAMES, store)
+    router = router_of(engine, store)
     event = lead_json(workflow="ghost")
     first = await router.handle(record("af.triggers.crm", event))
     assert first.ack_key is None

@@ -18,7 +18,7 @@ from agents.model_script import ModelScript
 from agents.model_server import ModelServerHandle, serve
 from agents.models import ModelClient, ModelRegistry
 from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
-from schemas.serde import decode
+from schemas.serde import unseal
 from tools import default_registry
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,8 +150,7 @@ async def test_a_model_that_never_stops_calling_tools_is_handed_off(
     assert isinstance(result, HandOff)
     assert "after 5 iterations (max_iterations)" in result.reason
     assert len(await server_log(server)) == 5
-    resumable = decode(result.envelope, [("af-schema", result.envelope_schema.encode())],
-                       StepMessage)
+    resumable = unseal(result.envelope, result.envelope_schema, StepMessage)
     assert resumable.step == "fit"
     assert resumable.usage.tool_calls == 5
     assert sum(1 for m in result.transcript if m["role"] == "tool") == 5

@@ -31,18 +31,6 @@ def test_out_of_order_finish_waits_for_the_gap() -> None:
     assert t.in_flight == 0
 
 
-def test_abandon_forgets_unfinished_tail() -> None:
-    t = PartitionOffsets()
-    for offset in (1, 2, 3):
-        t.start(offset)
-    t.finish(1)
-    t.abandon_from(2)
-    assert t.to_commit() == 2
-    t.start(2)  # fetched again after the seek
-    t.finish(2)
-    assert t.to_commit() == 3
-
-
 def test_misuse_is_an_error() -> None:
     t = PartitionOffsets()
     t.start(3)

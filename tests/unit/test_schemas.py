@@ -22,7 +22,15 @@ from schemas.models import (
     Usage,
     utc_now,
 )
-from schemas.serde import SCHEMA_HEADER, decode, encode, latest_version, schema_versions
+from schemas.serde import (
+    SCHEMA_HEADER,
+    decode,
+    encode,
+    latest_version,
+    schema_versions,
+    seal,
+    unseal,
+)
 
 NOW = utc_now()
 STEP = StepMessage(
@@ -33,6 +41,7 @@ STEP = StepMessage(
     event_type="lead.created", started_at=NOW, deadline=NOW + timedelta(minutes=5),
     usage=Usage(input_tokens=10, output_tokens=5, cost_usd=0.0012, steps=1, tool_calls=1),
     step_usage={"normalise": Usage(steps=1)}, path=["normalise"])
+STEP_ENVELOPE, STEP_SCHEMA = seal(STEP)
 SAMPLES: list[AvroModel] = [
     TriggerEvent(event_id="e1", source="crm", event_type="lead.created", tenant="acme",
                  occurred_at=NOW, payload={"lead_id": "L1", "nested": {"a": [1, "b"]}}),
@@ -46,7 +55,7 @@ SAMPLES: list[AvroModel] = [
                failed_at=NOW),
     HandOff(hand_off_id="h1", kind="max_iterations", reason="the model kept calling tools",
             run_id="r1", workflow="lead_enrichment", workflow_version=1, step="fit",
-            envelope=encode(STEP)[0], envelope_schema="step_message.v3",
+            envelope=STEP_ENVELOPE, envelope_schema=STEP_SCHEMA,
             transcript=[{"role": "user", "content": "hi"}], created_at=NOW),
 ]
 
@@ -134,3 +143,22 @@ def test_record_that_decodes_but_breaks_the_model_is_a_validation_error() -> Non
     with pytest.raises(MessageValidationError,
                        match="workflow_version: Input should be greater than or equal to 1"):
         decode(buf.getvalue(), [(SCHEMA_HEADER, b"step_message.v2")], StepMessage)
+
+
+@pytest.mark.parametrize("model", [STEP, *SAMPLES], ids=lambda m: type(m).__name__)
+def test_a_sealed_envelope_unseals_to_the_same_message(model: AvroModel) -> None:
+    envelope, schema_id = seal(model)
+    assert schema_id == f"{model.avro_name}.v{latest_version(model.avro_name)}"
+    assert unseal(envelope, schema_id, type(model)) == model
+
+
+@pytest.mark.parametrize(("schema_id", "message"), [
+    ("run_result.v2", "expected a step_message message but its header says 'run_result.v2'"),
+    ("step_message.v99", "schema 'step_message.v99' is not known to this worker"),
+    ("step_message", "expected a step_message message but its header says 'step_message'"),
+    ("", "expected a step_message message but its header says ''"),
+])
+def test_unsealing_with_a_wrong_or_unknown_schema_id_is_a_decode_error(
+        schema_id: str, message: str) -> None:
+    with pytest.raises(DecodeError, match=re.escape(message)):
+        unseal(STEP_ENVELOPE, schema_id, StepMessage)

@@ -1,5 +1,5 @@
 """A worker process: the router plus one consumer per step of the selected workflows,
-sharing one producer and one Redis connection pool, until ``stop`` is set."""
+wired from the engine into the runtime, until ``stop`` is set."""
 
 from __future__ import annotations
 
@@ -11,16 +11,14 @@ from collections.abc import AsyncIterator, Sequence
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentfabric.errors import StackError, UnavailableError
-from agentfabric.settings import Settings
 from agents.engine import Engine
+from streams.consumer import StepConsumer
+from streams.joins import RedisJoinStore
+from streams.runtime import Runtime
 
-from .consumer import StepConsumer
-from .handlers import Handler, RouterHandler, StepHandler
-from .idempotency import RedisEmissionStore
-from .joins import RedisJoinStore
-from .kafka import Producer
-from .topics import TopicNames
+from .errors import StackError, UnavailableError
+from .executors import executors_for
+from .settings import Settings
 
 __all__ = ["Worker", "background_worker", "connect_redis"]
 
@@ -34,8 +32,8 @@ async def connect_redis(settings: Settings) -> Redis:
     except (RedisError, OSError) as exc:
         await redis.aclose()
         raise UnavailableError(f"cannot reach Redis at {settings.secret_free_redis_url} "
-                             f"({type(exc).__name__}); start it with `agentfabric up` or set "
-                             f"AGENTFABRIC_REDIS_URL") from exc
+                               f"({type(exc).__name__}); start it with `agentfabric up` or set "
+                               f"AGENTFABRIC_REDIS_URL") from exc
     return redis
 
 
@@ -46,32 +44,28 @@ class Worker:
                  workflows: Sequence[str] | None = None, router: bool = True) -> None:
         self.settings = settings
         self.engine = engine
-        self.names = TopicNames(settings.topic_prefix)
         selected = list(workflows) if workflows else engine.workflows.names()
         for name in selected:
             engine.workflows.latest(name)  # raises UnknownWorkflowError for a typo
         self.selected = selected
         self.router = router
-        self.consumers: list[StepConsumer] = []
+        self.runtime: Runtime | None = None
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def consumers(self) -> list[StepConsumer]:
+        return self.runtime.consumers if self.runtime is not None else []
+
+    @property
+    def processed(self) -> int:
+        return self.runtime.processed if self.runtime is not None else 0
 
     def check_alive(self) -> None:
         """Raise the worker's error if it has stopped on one (for callers that wait on it)."""
         if self.task is not None and self.task.done():
             self.task.result()
             raise StackError("the worker has stopped")
-
-    def _handlers(self, store: RedisEmissionStore) -> list[Handler]:
-        handlers: list[Handler] = []
-        if self.router:
-            handlers.append(RouterHandler(self.engine, self.names, store))
-        for name in self.selected:
-            handlers.extend(
-                StepHandler(self.engine, self.names, store, name, step,
-                            self.settings.max_attempts)
-                for step in self.engine.workflows.step_ids(name))
-        return handlers
 
     async def _warm_up(self) -> None:
         """Load the embedding model before taking messages if a selected step looks up."""
@@ -83,45 +77,26 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         await self._warm_up()
         redis = await connect_redis(self.settings)
-        producer = Producer(self.settings)
         try:
-            await producer.start()
-            store = RedisEmissionStore(redis, self.settings.topic_prefix,
-                                       self.settings.idempotency_ttl_s)
             self.engine.joins = RedisJoinStore(redis, self.settings.topic_prefix,
                                                self.settings.idempotency_ttl_s)
-            self.consumers = [StepConsumer(self.settings, h, producer, store)
-                              for h in self._handlers(store)]
-            tasks = [asyncio.create_task(c.run(stop), name=c.handler.name)
-                     for c in self.consumers]
-            watcher = asyncio.create_task(self._announce_ready(stop))
+            self.runtime = Runtime(self.settings, executors_for(
+                self.engine, self.settings, self.selected, router=self.router), redis)
+            announce = asyncio.create_task(self._announce_ready(self.runtime))
             try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                stop.set()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+                await self.runtime.run(stop)
             finally:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                announce.cancel()
+                await asyncio.gather(announce, return_exceptions=True)
         finally:
-            await producer.stop()
             await redis.aclose()
             if self.engine.models is not None:
                 await self.engine.models.close()
-            log.info("worker stopped: processed %d messages",
-                     sum(c.processed for c in self.consumers))
+            log.info("worker stopped: processed %d messages", self.processed)
 
-    async def _announce_ready(self, stop: asyncio.Event) -> None:
-        waits = [asyncio.create_task(c.assigned.wait()) for c in self.consumers]
-        try:
-            await asyncio.gather(*waits)
-        finally:
-            for w in waits:
-                w.cancel()
+    async def _announce_ready(self, runtime: Runtime) -> None:
+        await runtime.ready.wait()
         self.ready.set()
-        log.info("worker ready: %d consumers (%s)", len(self.consumers),
-                 ", ".join(c.handler.name for c in self.consumers))
 
 
 @contextlib.asynccontextmanager

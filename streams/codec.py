@@ -1,0 +1,56 @@
+"""Reading records at the runtime's edge: agentfabric's Avro messages and plain JSON events
+from producers that are not agentfabric (Kafka Connect, Debezium, another team's service)."""
+
+from __future__ import annotations
+
+import json
+
+from aiokafka import ConsumerRecord
+from pydantic import ValidationError
+
+from agentfabric.errors import DecodeError, MessageValidationError
+from schemas.models import StepMessage, TriggerEvent
+from schemas.serde import SCHEMA_HEADER, decode, header_value, validation_reason
+
+__all__ = ["TRACE_HEADER", "decode_trigger", "trace_header", "trace_of"]
+
+TRACE_HEADER = "traceparent"
+
+
+def decode_trigger(record: ConsumerRecord, source: str) -> TriggerEvent:
+    """An agentfabric (Avro) trigger, or a plain JSON event from any other producer."""
+    if header_value(record.headers, SCHEMA_HEADER) is not None:
+        event = decode(record.value, record.headers, TriggerEvent)
+    else:
+        try:
+            data = json.loads(record.value or b"")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DecodeError(f"the value is neither an agentfabric message nor JSON ({exc}); "
+                              f"send a JSON object with event_type and payload") from exc
+        except RecursionError as exc:
+            raise DecodeError("the JSON value is nested too deeply to read; send a flatter "
+                              "event") from exc
+        if not isinstance(data, dict):
+            raise MessageValidationError(f"the event is a JSON {type(data).__name__}, not an "
+                                         f"object; send an object with event_type and payload")
+        data.setdefault("source", source)
+        try:
+            event = TriggerEvent.model_validate(data)
+        except ValidationError as exc:
+            raise MessageValidationError(f"the event does not fit the TriggerEvent schema: "
+                                         f"{validation_reason(exc)}") from exc
+    if event.source != source:
+        raise MessageValidationError(f"the event says source '{event.source}' but arrived on "
+                                     f"the trigger topic of '{source}'; publish it to that "
+                                     f"source's topic")
+    return event
+
+
+def trace_of(record: ConsumerRecord) -> str | None:
+    """The W3C traceparent a record carries, if any."""
+    incoming = header_value(record.headers, TRACE_HEADER)
+    return incoming.decode("utf-8", "replace") if incoming else None
+
+
+def trace_header(message: StepMessage) -> tuple[tuple[str, bytes], ...]:
+    return ((TRACE_HEADER, message.trace_parent.encode()),) if message.trace_parent else ()

@@ -1,0 +1,84 @@
+"""The executor protocol: what the runtime calls to turn one decoded record into messages.
+
+``streams`` knows records, offsets, topics and stages; it does not know workflows. The
+composition package (``agentfabric.executors``) implements this protocol with the workflow
+engine: the router (trigger -> first steps) and one executor per workflow step.
+
+The runtime drives an executor through its stages::
+
+    record --decode--> Job --dedupe--> execute --> [Emit, ...] --route--> Outgoing --> acknowledge
+
+``decode`` reads the record at the runtime's edge into a model (a ``PermanentError`` makes a
+dead letter); ``execute`` is a function of that model and returns models to emit (a
+``TransientError`` retries through ``retry``; an ``UnavailableError`` means Kafka or Redis is
+down and the runtime tries the same record again later). Encoding the emitted models is the
+runtime's job (the ``route`` stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka import ConsumerRecord
+
+from agentfabric.errors import TransientError
+from schemas.models import AvroModel, StepMessage
+
+__all__ = ["Emit", "Executor", "Job"]
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """One model to produce: the route stage encodes it."""
+
+    topic: str
+    key: str
+    model: AvroModel
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A decoded record: the input model, how to dedupe it, and how long it may run.
+
+    ``dedupe_key`` names the record's output in the emission store (``None``: not deduped);
+    ``subject`` is the run envelope a dead letter of this record describes, if any;
+    ``trace_parent`` is the W3C trace context the record carries.
+    """
+
+    message: AvroModel
+    dedupe_key: str | None
+    timeout_s: float
+    subject: StepMessage | None = None
+    trace_parent: str | None = None
+
+
+class Executor(Protocol):
+    """One consumer group's work: the router, or one step of one workflow."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def topics(self) -> Sequence[str]: ...
+
+    @property
+    def max_in_flight(self) -> int:
+        """Records of one partition in progress at once."""
+
+    @property
+    def dlq_topic(self) -> str: ...
+
+    def decode(self, record: ConsumerRecord) -> Job:
+        """Read the record; raise PermanentError if it cannot be run."""
+
+    async def execute(self, job: Job) -> Sequence[Emit]:
+        """Run the job; raise TransientError, PermanentError or UnavailableError."""
+
+    def retry(self, job: Job, error: TransientError) -> Emit | None:
+        """The message that tries ``job`` again, or None once its attempts are spent."""

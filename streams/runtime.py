@@ -1,0 +1,70 @@
+"""The runtime of a worker process: one consumer per executor, sharing one producer and one
+Redis connection (whose round trips concurrent records share), until ``stop`` is set."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import Redis
+
+from agentfabric.settings import Settings
+
+from .batching import PipelinedRedis
+from .consumer import StepConsumer
+from .executor import Executor
+from .idempotency import EmissionStore, RedisEmissionStore
+from .kafka import Producer
+from .stages import Stage, default_stages
+
+__all__ = ["Runtime", "StagesFactory"]
+
+log = logging.getLogger(__name__)
+
+StagesFactory = Callable[[Producer, EmissionStore], list[Stage]]
+
+
+class Runtime:
+    """Consumers for ``executors``; ``ready`` is set once every one has its partitions."""
+
+    def __init__(self, settings: Settings, executors: Sequence[Executor], redis: Redis, *,
+                 stages: StagesFactory = default_stages) -> None:
+        self.settings = settings
+        self.executors = list(executors)
+        self.redis = PipelinedRedis(redis)
+        self.stages = stages
+        self.consumers: list[StepConsumer] = []
+        self.ready = asyncio.Event()
+
+    @property
+    def processed(self) -> int:
+        return sum(c.processed for c in self.consumers)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        producer = Producer(self.settings)
+        await producer.start()
+        try:
+            store = RedisEmissionStore(self.redis, self.settings.topic_prefix,
+                                       self.settings.idempotency_ttl_s)
+            self.consumers = [StepConsumer(self.settings, e, self.stages(producer, store))
+                              for e in self.executors]
+            tasks = [asyncio.create_task(c.run(stop), name=c.name) for c in self.consumers]
+            watcher = asyncio.create_task(self._announce_ready())
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+        finally:
+            await producer.stop()
+
+    async def _announce_ready(self) -> None:
+        await asyncio.gather(*(c.assigned.wait() for c in self.consumers))
+        self.ready.set()
+        log.info("worker ready: %d consumers (%s)", len(self.consumers),
+                 ", ".join(c.name for c in self.consumers))

@@ -1,0 +1,218 @@
+"""The stages every record passes through, each with one job::
+
+    acknowledge( decode( dedupe( execute( route ) ) ) )
+
+A stage is a callable ``(Pass, next) -> None`` that may act before and after calling
+``next`` (or not call it at all), like middleware. ``acknowledge`` sends what the inner
+stages decided and then marks the output acknowledged; ``decode`` reads the record (a bad
+record becomes a dead letter and goes no further); ``dedupe`` answers a record whose output
+is already stored and remembers a fresh output before it is sent; ``execute`` runs the
+executor under the job's timeout; ``route`` turns what it emitted, or how it failed, into
+the messages to produce (next step or result, retry, dead letter). A later concern (a
+lease, a metric, a log line, a span) is one more stage in :func:`default_stages`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import ConsumerRecord
+
+from agentfabric.errors import AgentFabricError, PermanentError, TransientError, UnavailableError
+
+from .dlq import dead_letter
+from .executor import Emit, Executor, Job
+from .idempotency import EmissionStore
+from .kafka import Outgoing, Producer
+
+__all__ = ["Next", "Pass", "Pipeline", "Stage", "default_stages"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Pass:
+    """One record's way through the stages."""
+
+    record: ConsumerRecord
+    executor: Executor
+    job: Job | None = None
+    emits: Sequence[Emit] = ()
+    failure: Exception | None = None
+    outputs: list[Outgoing] = field(default_factory=list)
+    ack_key: str | None = None
+
+    def dead(self, error: Exception) -> list[Outgoing]:
+        return [dead_letter(self.record, error, group=self.executor.group,
+                            dlq_topic=self.executor.dlq_topic,
+                            message=self.job.subject if self.job else None)]
+
+
+Next = Callable[[Pass], Awaitable[None]]
+Stage = Callable[[Pass, Next], Awaitable[None]]
+
+
+async def _end(_: Pass) -> None:
+    return None
+
+
+class Pipeline:
+    """The stages chained once; ``run`` takes one record through them."""
+
+    def __init__(self, executor: Executor, stages: Sequence[Stage]) -> None:
+        self.executor = executor
+        self.stages = list(stages)
+        chain: Next = _end
+        for stage in reversed(self.stages):
+            chain = _link(stage, chain)
+        self._chain = chain
+
+    async def run(self, record: ConsumerRecord) -> Pass:
+        work = Pass(record, self.executor)
+        await self._chain(work)
+        return work
+
+
+def _link(stage: Stage, after: Next) -> Next:
+    async def step(work: Pass) -> None:
+        await stage(work, after)
+    return step
+
+
+class Acknowledge:
+    """Send the outputs (every acknowledgement awaited), then mark them acknowledged."""
+
+    def __init__(self, producer: Producer, store: EmissionStore) -> None:
+        self.producer = producer
+        self.store = store
+
+    async def __call__(self, work: Pass, after: Next) -> None:
+        await after(work)
+        if work.outputs:
+            try:
+                await self.producer.send_all(work.outputs)
+            except PermanentError as exc:  # e.g. an output too large for the broker
+                log.error("%s: %s; dead-lettering %s[%d]@%d", work.executor.name, exc.reason,
+                          work.record.topic, work.record.partition, work.record.offset)
+                if work.ack_key is not None:
+                    await self.store.forget(work.ack_key)  # a replay computes it afresh
+                    work.ack_key = None
+                await self._send_dead_letter(work, exc)
+        if work.ack_key is not None:
+            await self.store.acknowledge(work.ack_key)
+
+    async def _send_dead_letter(self, work: Pass, error: PermanentError) -> None:
+        try:
+            await self.producer.send_all(work.dead(error))
+        except PermanentError as refused:
+            # Even the dead letter is refused (the original bytes are too large): keep an
+            # excerpt so the record is still accounted for, and say so.
+            log.error("%s: the dead letter of %s[%d]@%d was refused too (%s); sending it with "
+                      "the value cut short", work.executor.name, work.record.topic,
+                      work.record.partition, work.record.offset, refused.reason)
+            await self.producer.send_all([_excerpt_dead_letter(work, error)])
+
+
+def _excerpt_dead_letter(work: Pass, error: PermanentError, keep: int = 64 * 1024) -> Outgoing:
+    record = work.record
+    size = len(record.value or b"")
+    short = dataclasses.replace(record, value=(record.value or b"")[:keep])
+    note = PermanentError(f"{error.reason} (the original value of {size} bytes was too large "
+                          f"for the dead-letter topic; only its first {keep} bytes are kept)")
+    return dead_letter(short, note, group=work.executor.group,
+                       dlq_topic=work.executor.dlq_topic,
+                       message=work.job.subject if work.job else None)
+
+
+async def decode(work: Pass, after: Next) -> None:
+    """Read the record into a job; a record that cannot be read is a dead letter."""
+    try:
+        work.job = work.executor.decode(work.record)
+    except PermanentError as exc:
+        work.outputs = work.dead(exc)
+        return
+    except Exception as exc:
+        log.exception("%s could not decode %s[%d]@%d", work.executor.name, work.record.topic,
+                      work.record.partition, work.record.offset)
+        work.outputs = work.dead(exc)
+        return
+    await after(work)
+
+
+class Dedupe:
+    """Emit-once: an acknowledged output is not sent again, a stored one is re-sent as it
+    was, a fresh one is stored before it is sent. Dead letters are not remembered, so a
+    replayed dead letter runs again."""
+
+    def __init__(self, store: EmissionStore) -> None:
+        self.store = store
+
+    async def __call__(self, work: Pass, after: Next) -> None:
+        key = work.job.dedupe_key if work.job else None
+        if key is None:
+            await after(work)
+            return
+        stored, acked = await self.store.recall(key)
+        if acked:
+            return
+        if stored is not None:
+            work.outputs, work.ack_key = stored, key
+            return
+        await after(work)
+        dlq = work.executor.dlq_topic
+        if work.outputs and all(m.topic == dlq for m in work.outputs):
+            return
+        await self.store.remember(key, work.outputs)
+        work.ack_key = key
+
+
+async def execute(work: Pass, after: Next) -> None:
+    """Run the executor under the job's timeout; a timeout is a transient failure."""
+    assert work.job is not None
+    try:
+        async with asyncio.timeout(work.job.timeout_s):
+            work.emits = await work.executor.execute(work.job)
+    except UnavailableError:
+        raise  # Kafka or Redis is down: the runtime tries this record again, no attempt spent
+    except TimeoutError:
+        work.failure = TransientError(
+            f"{work.executor.name} took longer than its timeout of {work.job.timeout_s:g}s; "
+            f"raise the step's timeout_s or find what is slow")
+    except Exception as exc:  # noqa: BLE001 - a step's failure is routed, never raised
+        work.failure = exc
+    await after(work)
+
+
+async def route(work: Pass, after: Next) -> None:
+    """Where the run goes: the emitted messages, a retry, or a dead letter."""
+    assert work.job is not None
+    failure = work.failure
+    if isinstance(failure, TransientError):
+        retry = work.executor.retry(work.job, failure)
+        if retry is None:
+            attempts = work.job.subject.attempt if work.job.subject else 1
+            failure = TransientError(f"{failure.reason} (gave up after {attempts} attempts; "
+                                     f"replay the dead letter once the cause is fixed)")
+        else:
+            work.emits = (retry,)
+            failure = None
+    if failure is None:
+        try:
+            work.outputs = [Outgoing.of(e.topic, e.key, e.model, e.headers) for e in work.emits]
+        except Exception as exc:  # noqa: BLE001 - an output that cannot be encoded
+            failure = exc
+    if failure is not None:
+        if not isinstance(failure, AgentFabricError):
+            log.error("%s failed on %s[%d]@%d: %s: %s", work.executor.name, work.record.topic,
+                      work.record.partition, work.record.offset, type(failure).__name__,
+                      failure, exc_info=failure)
+        work.outputs = work.dead(failure)
+    await after(work)
+
+
+def default_stages(producer: Producer, store: EmissionStore) -> list[Stage]:
+    return [Acknowledge(producer, store), decode, Dedupe(store), execute, route]

@@ -84,11 +84,14 @@ class StepConsumer:
                                    f"{self.settings.bootstrap_servers} ({type(exc).__name__})"
                                    ) from exc
         interval = self.settings.commit_interval_ms / 1000
+        poll_ms = min(100, self.settings.commit_interval_ms)
+        # one window's worth per poll: more would only wait in the backlog and pause the
+        # partition, which drops what aiokafka prefetched for it
+        poll_records = min(self.settings.max_poll_records, self.executor.max_in_flight)
         last_commit = time.monotonic()
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=min(100, self.settings
-                                                              .commit_interval_ms))
+                batch = await consumer.getmany(timeout_ms=poll_ms, max_records=poll_records)
                 for tp, records in batch.items():
                     if tp in self._releasing:
                         continue  # fetched before its revocation: the next owner reads it

@@ -1,9 +1,10 @@
 """Idempotent steps: remember what a step emitted, keyed by the message's idempotency key.
 
-Per key the store holds the encoded output messages and whether the broker acknowledged
-them. A redelivered message whose output was acknowledged emits nothing again; one whose
-output was stored but not acknowledged re-emits exactly the stored bytes, so a step's
-side effects and its output happen once per key even across crashes.
+Per key the store holds the encoded output messages until the broker acknowledged them,
+then only that they were acknowledged. A redelivered message whose output was acknowledged
+emits nothing again; one whose output was stored but not acknowledged re-emits exactly the
+stored bytes, so a step's side effects and its output happen once per key even across
+crashes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from .batching import PipelinedRedis
 from .kafka import Outgoing
@@ -21,6 +21,7 @@ from .kafka import Outgoing
 __all__ = ["EmissionStore", "MemoryEmissionStore", "Recall", "RedisEmissionStore"]
 
 Recall = tuple[list[Outgoing] | None, bool]
+_PENDING, _ACKED = b"P", b"A"
 
 
 def _dump(messages: list[Outgoing]) -> str:
@@ -53,6 +54,9 @@ class EmissionStore(Protocol):
 
 class RedisEmissionStore:
     """The store in Redis, shared by every replica; entries expire after ``ttl_s``.
+
+    One string per key: ``P`` + the stored output while it is pending, then just ``A`` once
+    acknowledged (the output is not needed any more), so every operation is one command.
     Concurrent records share round trips (see ``streams.batching``)."""
 
     def __init__(self, redis: Redis | PipelinedRedis, prefix: str, ttl_s: int) -> None:
@@ -61,23 +65,21 @@ class RedisEmissionStore:
         self._ttl_s = ttl_s
 
     async def recall(self, key: str) -> Recall:
-        [entry] = await self._redis.execute(lambda pipe: pipe.hgetall(self._prefix + key))
-        out = entry.get(b"out")
-        return (_load(out) if out is not None else None), entry.get(b"acked") == b"1"
+        [entry] = await self._redis.execute(lambda pipe: pipe.get(self._prefix + key))
+        if entry is None:
+            return None, False
+        if entry[:1] == _ACKED:
+            return None, True
+        return _load(entry[1:]), False
 
     async def remember(self, key: str, messages: list[Outgoing]) -> None:
-        text = _dump(messages)
-
-        def build(pipe: Pipeline) -> None:
-            pipe.hset(self._prefix + key, "out", text)
-            pipe.expire(self._prefix + key, self._ttl_s)
-        await self._redis.execute(build)
+        value = _PENDING + _dump(messages).encode()
+        await self._redis.execute(
+            lambda pipe: pipe.set(self._prefix + key, value, ex=self._ttl_s))
 
     async def acknowledge(self, key: str) -> None:
-        def build(pipe: Pipeline) -> None:
-            pipe.hset(self._prefix + key, "acked", "1")
-            pipe.expire(self._prefix + key, self._ttl_s)
-        await self._redis.execute(build)
+        await self._redis.execute(
+            lambda pipe: pipe.set(self._prefix + key, _ACKED, ex=self._ttl_s))
 
     async def forget(self, key: str) -> None:
         await self._redis.execute(lambda pipe: pipe.delete(self._prefix + key))
@@ -93,14 +95,13 @@ class MemoryEmissionStore:
         if key not in self.entries:
             return None, False
         out, acked = self.entries[key]
-        return _load(out), acked
+        return (None if acked else _load(out)), acked
 
     async def remember(self, key: str, messages: list[Outgoing]) -> None:
         self.entries[key] = (_dump(messages), False)
 
     async def acknowledge(self, key: str) -> None:
-        out, _ = self.entries[key]
-        self.entries[key] = (out, True)
+        self.entries[key] = ("", True)
 
     async def forget(self, key: str) -> None:
         self.entries.pop(key, None)

@@ -38,7 +38,7 @@ async def test_remember_then_acknowledge(store: EmissionStore) -> None:
     await store.remember("k1", MESSAGES)
     assert await store.recall("k1") == (MESSAGES, False)
     await store.acknowledge("k1")
-    assert await store.recall("k1") == (MESSAGES, True)
+    assert await store.recall("k1") == (None, True)
 
 
 async def test_empty_output_is_remembered(store: EmissionStore) -> None:

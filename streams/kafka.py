@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka import errors as kafka_errors
+from aiokafka.errors import KafkaError
 
 from agentfabric.errors import PermanentError, UnavailableError
 from agentfabric.settings import Settings
 from schemas.models import AvroModel
 from schemas.serde import encode
 
-__all__ = ["Outgoing", "Producer", "make_consumer"]
+__all__ = ["PERMANENT_SEND_ERRORS", "Outgoing", "Producer", "make_consumer"]
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,22 @@ class Producer:
                 raise result
 
 
+# Errors that sending the same message again can never fix: the message or the topic is
+# wrong, or this client may not write there. Everything else (timeouts, a broker that is
+# down, a leader election) is worth trying again later.
+PERMANENT_SEND_ERRORS: tuple[type[KafkaError], ...] = (
+    kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
+    kafka_errors.RecordTooLargeError, kafka_errors.InvalidTopicError,
+    kafka_errors.CorruptRecordException, kafka_errors.UnsupportedForMessageFormatError,
+    kafka_errors.TopicAuthorizationFailedError, kafka_errors.ClusterAuthorizationFailedError,
+    kafka_errors.PolicyViolationError, kafka_errors.InvalidRequiredAcksError,
+)
+
+
 def _translate(exc: KafkaError) -> PermanentError | UnavailableError:
-    """Errors that resending cannot fix (too large, not authorised) are permanent."""
-    if isinstance(exc, MessageSizeTooLargeError) or not exc.retriable:
+    """Errors that resending cannot fix (too large, not authorised) are permanent; the rest
+    (timeouts included) mean the broker is unavailable for now."""
+    if isinstance(exc, PERMANENT_SEND_ERRORS):
         return PermanentError(f"the broker refused a message ({type(exc).__name__}: {exc}); "
                               f"it cannot be sent as it is")
     return UnavailableError(f"the broker did not acknowledge a message "

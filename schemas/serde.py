@@ -111,14 +111,20 @@ def decode(value: bytes | None, headers: KafkaHeaders | None, model: type[M]) ->
                           f"{sorted(versions)}); upgrade the worker, then replay the dead letter")
     if value is None:
         raise DecodeError("the message has no value (a tombstone); nothing to process")
+    buffer = io.BytesIO(value)
     try:
         record = fastavro.schemaless_reader(
-            io.BytesIO(value), parsed_schema(name, int(version_text)),
+            buffer, parsed_schema(name, int(version_text)),
             parsed_schema(name, latest_version(name)),
         )
     except Exception as exc:  # fastavro raises many unrelated types on corrupt bytes
         raise DecodeError(f"the bytes are not a valid '{schema_id}' record "
                           f"({type(exc).__name__}); the producer wrote something else") from exc
+    left = len(value) - buffer.tell()
+    if left:
+        raise DecodeError(f"the bytes are longer than a '{schema_id}' record ({left} bytes "
+                          f"left over); the header names the wrong schema version or the "
+                          f"value is corrupt")
     if not isinstance(record, dict):
         raise DecodeError(f"'{schema_id}' did not decode to a record; the producer wrote "
                           f"something else")

@@ -41,14 +41,17 @@ REDACTED = b"[redacted]"
 
 
 def dead_letter(record: ConsumerRecord, error: Exception, *, group: str, dlq_topic: str,
-                message: StepMessage | None = None) -> Outgoing:
-    """The dead-letter message for ``record`` that failed with ``error``."""
+                message: StepMessage | None = None, note: str = "") -> Outgoing:
+    """The dead-letter message for ``record`` that failed with ``error`` (``note`` is added
+    to the reason in brackets)."""
     if isinstance(error, AgentFabricError):
         reason, error_type = error.reason, type(error).__name__
     else:
         reason = (f"internal error {type(error).__name__}: {error}; this is a bug in "
                   f"agentfabric or a step, report it and replay the dead letter once fixed")
         error_type = "InternalError"
+    if note:
+        reason = f"{reason} ({note})"
     headers = [Header(key=k, value=REDACTED if SECRET_HEADER.search(k) else v)
                for k, v in (record.headers or ())]
     letter = DeadLetter(

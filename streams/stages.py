@@ -45,8 +45,10 @@ class Pass:
     failure: Exception | None = None
     outputs: list[Outgoing] = field(default_factory=list)
     ack_key: str | None = None
+    error: Exception | None = None  # why the outputs are a dead letter, if they are
 
     def dead(self, error: Exception) -> list[Outgoing]:
+        self.error = error
         return [dead_letter(self.record, error, group=self.executor.group,
                             dlq_topic=self.executor.dlq_topic,
                             message=self.job.subject if self.job else None)]
@@ -96,36 +98,39 @@ class Acknowledge:
             try:
                 await self.producer.send_all(work.outputs)
             except PermanentError as exc:  # e.g. an output too large for the broker
-                log.error("%s: %s; dead-lettering %s[%d]@%d", work.executor.name, exc.reason,
-                          work.record.topic, work.record.partition, work.record.offset)
-                if work.ack_key is not None:
-                    await self.store.forget(work.ack_key)  # a replay computes it afresh
-                    work.ack_key = None
-                await self._send_dead_letter(work, exc)
+                await self._refused(work, exc)
         if work.ack_key is not None:
             await self.store.acknowledge(work.ack_key)
 
-    async def _send_dead_letter(self, work: Pass, error: PermanentError) -> None:
+    async def _refused(self, work: Pass, refused: PermanentError) -> None:
+        where = f"{work.record.topic}[{work.record.partition}]@{work.record.offset}"
+        if work.error is not None:
+            # the dead letter itself was refused (the original bytes are too large): keep
+            # an excerpt so the record is still accounted for, with its own reason
+            log.error("%s: the dead letter of %s was refused (%s); sending it with the value "
+                      "cut short", work.executor.name, where, refused.reason)
+            await self.producer.send_all([_excerpt_dead_letter(work, work.error)])
+            return
+        log.error("%s: %s; dead-lettering %s", work.executor.name, refused.reason, where)
+        if work.ack_key is not None:
+            await self.store.forget(work.ack_key)  # a replay computes the output afresh
+            work.ack_key = None
+        work.outputs = work.dead(refused)
         try:
-            await self.producer.send_all(work.dead(error))
-        except PermanentError as refused:
-            # Even the dead letter is refused (the original bytes are too large): keep an
-            # excerpt so the record is still accounted for, and say so.
-            log.error("%s: the dead letter of %s[%d]@%d was refused too (%s); sending it with "
-                      "the value cut short", work.executor.name, work.record.topic,
-                      work.record.partition, work.record.offset, refused.reason)
-            await self.producer.send_all([_excerpt_dead_letter(work, error)])
+            await self.producer.send_all(work.outputs)
+        except PermanentError as again:
+            await self._refused(work, again)
 
 
-def _excerpt_dead_letter(work: Pass, error: PermanentError, keep: int = 64 * 1024) -> Outgoing:
+def _excerpt_dead_letter(work: Pass, error: Exception, keep: int = 64 * 1024) -> Outgoing:
     record = work.record
     size = len(record.value or b"")
     short = dataclasses.replace(record, value=(record.value or b"")[:keep])
-    note = PermanentError(f"{error.reason} (the original value of {size} bytes was too large "
-                          f"for the dead-letter topic; only its first {keep} bytes are kept)")
-    return dead_letter(short, note, group=work.executor.group,
+    return dead_letter(short, error, group=work.executor.group,
                        dlq_topic=work.executor.dlq_topic,
-                       message=work.job.subject if work.job else None)
+                       message=work.job.subject if work.job else None,
+                       note=f"the original value of {size} bytes was too large for the "
+                            f"dead-letter topic; only its first {keep} bytes are kept")
 
 
 async def decode(work: Pass, after: Next) -> None:

@@ -90,19 +90,23 @@ def build_engine(settings: Settings, models: ModelClient | None = None) -> Engin
                   tool_timeout_s=settings.tool_timeout_s)
 
 
-def required_topics(workflows: WorkflowSet, names: TopicNames) -> list[str]:
-    """Every topic the loaded workflows read or write."""
+def required_topics(workflows: WorkflowSet, names: TopicNames,
+                    retry_tiers_s: Sequence[float] = ()) -> list[str]:
+    """Every topic the loaded workflows read or write (with each step's retry tiers)."""
     topics = {names.dlq, names.approvals, names.recordings}
     topics.update(names.trigger(source) for source in workflows.sources())
     for name in workflows.names():
         topics.add(names.results(name))
-        topics.update(names.step(name, step) for step in workflows.step_ids(name))
+        for step in workflows.step_ids(name):
+            topics.add(names.step(name, step))
+            topics.update(names.retry(name, step, delay) for delay in retry_tiers_s)
     return sorted(topics)
 
 
 async def provision(settings: Settings, engine: Engine) -> dict[str, str]:
     """Create every topic the loaded workflows need."""
-    topics = required_topics(engine.workflows, TopicNames(settings.topic_prefix))
+    topics = required_topics(engine.workflows, TopicNames(settings.topic_prefix),
+                             settings.retry_tiers_s)
     return await apply_topics(settings.bootstrap_servers, topics,
                               partitions=settings.partitions,
                               replication_factor=settings.replication_factor)

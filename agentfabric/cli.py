@@ -84,7 +84,8 @@ def topics_list() -> None:
     from .app import build_engine, required_topics
 
     s = settings_()
-    for topic in required_topics(build_engine(s).workflows, TopicNames(s.topic_prefix)):
+    for topic in required_topics(build_engine(s).workflows, TopicNames(s.topic_prefix),
+                                 s.retry_tiers_s):
         print(topic)
 
 

@@ -7,6 +7,8 @@ how a record is deduped, how long a step may run and how a transient failure is 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 from aiokafka import ConsumerRecord
@@ -14,14 +16,21 @@ from aiokafka import ConsumerRecord
 from agents.engine import Emitted, Engine, root_run_id
 from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
 from schemas.serde import decode
-from streams.codec import decode_trigger, trace_header, trace_of
+from streams.codec import (
+    FIRST_FAILURE_HEADER,
+    RETRY_DUE_HEADER,
+    decode_trigger,
+    header_ms,
+    trace_header,
+    trace_of,
+)
 from streams.executor import Emit, Job
 from streams.topics import TopicNames
 
 from .errors import AgentFabricError, TransientError
 from .settings import Settings
 
-__all__ = ["RouterExecutor", "StepExecutor", "executors_for"]
+__all__ = ["RetryExecutor", "RouterExecutor", "StepExecutor", "executors_for"]
 
 
 class RouterExecutor:
@@ -65,6 +74,7 @@ class StepExecutor:
         self.topics = [names.step(workflow, step)]
         self.dlq_topic = names.dlq
         self.max_attempts = settings.max_attempts
+        self.tiers = settings.retry_tiers_s
         self.default_timeout_s = settings.step_timeout_s
         spec = engine.workflows.step_spec(workflow, step)
         declared = spec.max_in_flight if spec is not None else None
@@ -83,7 +93,8 @@ class StepExecutor:
         return Job(message=message, dedupe_key=f"step:{message.idempotency_key}:"
                                                f"{message.attempt}",
                    timeout_s=self._timeout(message), subject=message,
-                   trace_parent=message.trace_parent)
+                   trace_parent=message.trace_parent,
+                   first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER))
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         message = job.message
@@ -95,13 +106,20 @@ class StepExecutor:
         return out
 
     def retry(self, job: Job, error: TransientError) -> Emit | None:
+        """The next attempt, on the retry topic of the tier this attempt number reaches:
+        the step's own topic never waits for it."""
         message = job.message
         assert isinstance(message, StepMessage)
         if message.attempt >= self.max_attempts:
             return None
+        delay = self.tiers[min(message.attempt, len(self.tiers)) - 1]
+        now_ms = int(time.time() * 1000)
+        first = job.first_failure_ms or now_ms
         again = message.model_copy(update={"attempt": message.attempt + 1})
-        return Emit(self.names.step(again.workflow, again.step), again.run_id, again,
-                    trace_header(again))
+        return Emit(self.names.retry(again.workflow, again.step, delay), again.run_id, again,
+                    (*trace_header(again),
+                     (RETRY_DUE_HEADER, str(now_ms + int(delay * 1000)).encode()),
+                     (FIRST_FAILURE_HEADER, str(first).encode())))
 
     def _route(self, after: Emitted) -> Emit:
         if isinstance(after, RunResult):
@@ -112,14 +130,57 @@ class StepExecutor:
                     trace_header(after))
 
 
+class RetryExecutor:
+    """Reads the retry topics of the selected workflows' steps: holds each run until it is
+    due, then puts it back on its step's topic. A held run occupies a slot of its
+    partition's window (its partition pauses when the window is full), never the step's
+    consumer; runs on one tier's partition come due in the order they arrived."""
+
+    def __init__(self, names: TopicNames, settings: Settings,
+                 steps: Sequence[tuple[str, str]]) -> None:
+        self.names = names
+        self.name = "retry"
+        self.group = names.retry_group
+        self.topics = sorted({names.retry(wf, step, delay) for wf, step in steps
+                              for delay in settings.retry_tiers_s})
+        self.max_in_flight = settings.max_in_flight
+        self.dlq_topic = names.dlq
+        self.grace_s = settings.step_timeout_s
+
+    def decode(self, record: ConsumerRecord) -> Job:
+        message = decode(record.value, record.headers, StepMessage)
+        due_ms = header_ms(record, RETRY_DUE_HEADER) or 0
+        wait_s = max(0.0, due_ms / 1000 - time.time())
+        return Job(message=message, dedupe_key=None, timeout_s=wait_s + self.grace_s,
+                   subject=message, trace_parent=message.trace_parent, due_ms=due_ms,
+                   first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER))
+
+    async def execute(self, job: Job) -> Sequence[Emit]:
+        message = job.message
+        assert isinstance(message, StepMessage)
+        wait_s = (job.due_ms or 0) / 1000 - time.time()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        headers = trace_header(message)
+        if job.first_failure_ms is not None:
+            headers = (*headers, (FIRST_FAILURE_HEADER, str(job.first_failure_ms).encode()))
+        return [Emit(self.names.step(message.workflow, message.step), message.run_id, message,
+                     headers)]
+
+    def retry(self, job: Job, error: TransientError) -> Emit | None:
+        return None  # putting a run back on its topic has nothing to wait out
+
+
 def executors_for(engine: Engine, settings: Settings, workflows: Sequence[str], *,
-                  router: bool = True) -> list[RouterExecutor | StepExecutor]:
-    """The router (if asked) and one executor per step of ``workflows``."""
+                  router: bool = True) -> list[RouterExecutor | StepExecutor | RetryExecutor]:
+    """The router (if asked), one executor per step of ``workflows``, and the retry tiers of
+    those steps."""
     names = TopicNames(settings.topic_prefix)
-    found: list[RouterExecutor | StepExecutor] = []
+    found: list[RouterExecutor | StepExecutor | RetryExecutor] = []
     if router:
         found.append(RouterExecutor(engine, names, settings))
-    for name in workflows:
-        found.extend(StepExecutor(engine, names, settings, name, step)
-                     for step in engine.workflows.step_ids(name))
+    steps = [(name, step) for name in workflows for step in engine.workflows.step_ids(name)]
+    found.extend(StepExecutor(engine, names, settings, name, step) for name, step in steps)
+    if steps:
+        found.append(RetryExecutor(names, settings, steps))
     return found

@@ -62,9 +62,14 @@ class Settings(BaseSettings):
         default=30.0, gt=0, le=3_600,
         description="Longest one tool call may run; past it the call fails as transient. A step "
                     "may set its own tool_timeout_s.")
-    max_attempts: int = Field(default=3, ge=1, le=100,
+    max_attempts: int = Field(default=5, ge=1, le=100,
                               description="Attempts of a step before a transient failure "
                                           "is dead-lettered.")
+    retry_tiers_s: list[float] = Field(
+        default=[1.0, 10.0, 60.0, 600.0], min_length=1, max_length=10,
+        description="Delays of the retry tiers, as a JSON list of seconds: after failed "
+                    "attempt n a run waits on tier n (the last tier repeats) on its own "
+                    "retry topic, so the step's topic never waits.")
     max_steps_per_run: int = Field(default=100, ge=1, le=10_000,
                                    description="A run that executes more steps is dead-lettered "
                                                "(runaway loop guard).")
@@ -115,6 +120,15 @@ class Settings(BaseSettings):
             host, _, port = server.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"'{server}' is not host:port")
+        return value
+
+    @field_validator("retry_tiers_s")
+    @classmethod
+    def _tiers(cls, value: list[float]) -> list[float]:
+        if any(not 0 < t <= 86_400 for t in value):
+            raise ValueError("every retry tier must be more than 0 and at most 86400 seconds")
+        if value != sorted(value) or len(set(value)) != len(value):
+            raise ValueError("retry tiers must be distinct and in increasing order")
         return value
 
     @field_validator("redis_url")

@@ -9,26 +9,101 @@ batch grows with the load and a lone record waits for at most one round trip ahe
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    BusyLoadingError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agentfabric.errors import UnavailableError
+
+from .dlq import redact
 
 __all__ = ["PipelinedRedis", "redis_unavailable"]
 
 Build = Callable[[Pipeline], object]
 
 
-def redis_unavailable(exc: BaseException) -> UnavailableError:
-    """A Redis failure as the runtime's 'try again later' error, saying what it was."""
-    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return UnavailableError(f"Redis is unavailable ({detail}); the message will be retried "
-                            f"when it is back")
+def redis_unavailable(exc: BaseException, *, doing: str = "",
+                      retried: bool = True) -> UnavailableError:
+    """A Redis failure as the runtime's 'try again later' error, whose one-sentence reason
+    says what to fix (the consumer logs it and retries the record in place until then).
+
+    redis-py strips the error code from replies it has a class for (``OOM`` becomes an
+    ``OutOfMemoryError`` with the rest of the text), while an error raised inside a Lua
+    script arrives as a plain ``ResponseError`` with the code in its text, so both the
+    class and the text are checked. Credentials in the text are masked. ``doing`` names
+    the operation (e.g. "a parallel join"); ``retried=False`` leaves out what happens to
+    the records meanwhile (for a caller that gives up, such as a worker starting)."""
+    text = redact(re.sub(r"\b([a-z][a-z0-9+.-]*://)[^/\s@]*@", r"\1***@", str(exc),
+                         flags=re.IGNORECASE))[:300]
+    found = re.search(r"\b(OOM|READONLY|MISCONF|WRONGTYPE|NOAUTH|WRONGPASS|NOPERM|LOADING)\b",
+                      text)
+    code = found[1] if found else str(getattr(exc, "status_code", "") or "")
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    during = f", during {doing}" if doing else ""
+    prefix_setting = "AGENTFABRIC_TOPIC_PREFIX"  # agentfabric's keys are '<prefix>:...'
+    if isinstance(exc, OutOfMemoryError) or code == "OOM":
+        what = f"Redis is out of memory (OOM{during})"
+        fix = ("raise its maxmemory or free memory; agentfabric needs maxmemory-policy "
+               "noeviction")
+        wait = "records wait here until Redis has room"
+    elif isinstance(exc, ReadOnlyError) or code == "READONLY":
+        what = f"Redis refused a write because it is a read-only replica (READONLY{during})"
+        fix = "point AGENTFABRIC_REDIS_URL at the primary"
+        wait = "records wait here until writes succeed"
+    elif code == "MISCONF":
+        what = f"Redis refuses writes because it cannot persist to disk (MISCONF{during})"
+        fix = ("free disk space or fix the permissions of its data dir (the Redis log says "
+               "which)")
+        wait = "records wait here until it can persist again"
+    elif code == "WRONGTYPE":
+        what = (f"a Redis key of agentfabric's holds a value of another type "
+                f"(WRONGTYPE{during}), so something else writes keys that start with "
+                f"agentfabric's prefix")
+        fix = (f"set {prefix_setting} to a prefix nothing else uses, or give agentfabric its "
+               f"own Redis database in AGENTFABRIC_REDIS_URL")
+        wait = "records wait here until the key holds what agentfabric wrote"
+    elif isinstance(exc, AuthenticationError) or code in ("NOAUTH", "WRONGPASS"):
+        what = f"Redis refused agentfabric's credentials ({code or 'AuthenticationError'}{during})"
+        fix = ("set the right user and password in AGENTFABRIC_REDIS_URL "
+               "(redis://USER:PASSWORD@HOST:PORT/DB)")
+        wait = "records are retried until it accepts them"
+    elif isinstance(exc, NoPermissionError | AuthorizationError) or code == "NOPERM":
+        what = f"the Redis user may not run a command agentfabric needs (NOPERM{during})"
+        fix = (f"allow it in the Redis ACL to read and write the keys that start with "
+               f"{prefix_setting} and to run EVALSHA and EVAL")
+        wait = "records are retried until it may"
+    elif isinstance(exc, BusyLoadingError) or code == "LOADING":
+        what = f"Redis is loading its data after a restart (LOADING{during})"
+        fix = "nothing to fix, wait until it has loaded"
+        wait = "records resume by themselves"
+    elif isinstance(exc, RedisTimeoutError | TimeoutError):
+        what = f"Redis is unavailable: it did not answer in time ({detail}{during})"
+        fix = "check its load (a slow command or script blocks it) and the network to it"
+        wait = "records are retried until it answers"
+    elif isinstance(exc, RedisConnectionError | OSError):
+        what = f"Redis is unavailable ({detail}{during})"
+        fix = "start it (`agentfabric up` for the embedded one) or fix AGENTFABRIC_REDIS_URL"
+        wait = "records are retried until it is back"
+    else:
+        what = f"Redis is unavailable ({detail}{during})"
+        fix = "see the Redis log"
+        wait = "records are retried until it answers"
+    return UnavailableError(f"{what}: {fix}; {wait}" if retried else f"{what}: {fix}")
 
 
 class PipelinedRedis:

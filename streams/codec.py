@@ -12,9 +12,12 @@ from agentfabric.errors import DecodeError, MessageValidationError
 from schemas.models import StepMessage, TriggerEvent
 from schemas.serde import SCHEMA_HEADER, decode, header_value, validation_reason
 
-__all__ = ["TRACE_HEADER", "decode_trigger", "trace_header", "trace_of"]
+__all__ = ["FIRST_FAILURE_HEADER", "RETRY_DUE_HEADER", "TRACE_HEADER", "decode_trigger",
+           "header_ms", "trace_header", "trace_of"]
 
 TRACE_HEADER = "traceparent"
+RETRY_DUE_HEADER = "af-retry-due"          # epoch ms when a run on a retry topic is due
+FIRST_FAILURE_HEADER = "af-first-failure"  # epoch ms of a run's first failed attempt at a step
 
 
 def decode_trigger(record: ConsumerRecord, source: str) -> TriggerEvent:
@@ -54,3 +57,12 @@ def trace_of(record: ConsumerRecord) -> str | None:
 
 def trace_header(message: StepMessage) -> tuple[tuple[str, bytes], ...]:
     return ((TRACE_HEADER, message.trace_parent.encode()),) if message.trace_parent else ()
+
+
+def header_ms(record: ConsumerRecord, key: str) -> int | None:
+    """An epoch-milliseconds header, or None if absent or not a number."""
+    raw = header_value(record.headers, key)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None

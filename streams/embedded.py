@@ -5,6 +5,12 @@
 their pids in ``<state_dir>/stack.json``; ``stop`` ends exactly those pids (and only if
 they are still the processes it started). Production points ``bootstrap_servers`` and
 ``redis_url`` at real services instead.
+
+Redis persists with the append-only file in the state dir (``appendfsync everysec``), so
+``stop_redis`` and ``start_redis`` restart Redis alone (same port, same data) while the
+broker keeps running, as the fault tests do. ``start`` begins with an empty Redis, as the
+broker (in-memory) begins empty: Redis state left from an earlier stack would describe
+messages that no longer exist.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ __all__ = ["EmbeddedStack", "ManagedProcess", "StackInfo", "free_port", "pid_ali
 
 STATE_FILE = "stack.json"
 READY_TIMEOUT_S = 20.0
+AOF_FILE = "appendonly.aof"
+# What an earlier stack's Redis may have left in the state dir (appendonlydir: Redis >= 7).
+REDIS_DATA = (AOF_FILE, "appendonlydir", "dump.rdb")
 
 
 @dataclass(frozen=True)
@@ -154,9 +163,7 @@ class EmbeddedStack:
     def running(self) -> StackInfo | None:
         """The stack recorded in the state dir, if its processes still run."""
         try:
-            data = json.loads(self.state_path.read_text())
-            info = StackInfo(broker=ManagedProcess(**data["broker"]),
-                             redis=ManagedProcess(**data["redis"]), host=data["host"])
+            info = self._read_state()
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if pid_alive(info.broker.pid, info.broker.binary) or pid_alive(info.redis.pid,
@@ -178,10 +185,8 @@ class EmbeddedStack:
                               "--advertised-listener-url", listener,
                               "--storage-engine", "memory://tansu/"])
         try:
-            redis, redis_popen = self._spawn("redis", redis_binary(), self.redis_port,
-                                ["--port", str(self.redis_port), "--bind", self.host,
-                                 "--save", "", "--appendonly", "no", "--daemonize", "no",
-                                 "--dir", str(self.state_dir.resolve())])
+            self._clear_redis_data()
+            redis, redis_popen = self._spawn_redis(self.host, self.redis_port)
         except BaseException:
             self._terminate(broker)
             raise
@@ -193,26 +198,85 @@ class EmbeddedStack:
             self._terminate(broker)
             self._terminate(redis)
             raise
-        self.state_path.write_text(json.dumps(
-            {"host": self.host, "broker": asdict(broker), "redis": asdict(redis)}, indent=2))
+        self._write_state(info)
         return info
 
     def stop(self) -> list[ManagedProcess]:
         """Stop what ``start`` recorded; returns the processes that were stopped."""
-        try:
-            data = json.loads(self.state_path.read_text())
-            recorded = [ManagedProcess(**data[key]) for key in ("broker", "redis")]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            if self.state_path.exists():
-                raise StackError(f"{self.state_path} is unreadable ({exc}); stop the processes "
-                                 f"by hand and delete it") from exc
+        if not self.state_path.exists():
             return []
+        info = self._recorded()
         stopped = []
-        for proc in recorded:
+        for proc in (info.broker, info.redis):
             if self._terminate(proc):
                 stopped.append(proc)
         self.state_path.unlink(missing_ok=True)
         return stopped
+
+    def stop_redis(self, *, kill: bool = False) -> ManagedProcess | None:
+        """Stop only the recorded Redis, by pid (``kill``: SIGKILL, a crash that may lose the
+        last second of writes; else SIGTERM, which flushes the append-only file). The broker
+        keeps running and the record stays, so ``start_redis`` can bring it back. Returns the
+        process stopped, or None if it was not running."""
+        info = self._recorded()
+        if not self._terminate(info.redis, kill=kill):
+            return None
+        return info.redis
+
+    def start_redis(self) -> ManagedProcess:
+        """Start Redis again for the recorded stack, on its recorded host and port with the
+        same data dir, so it reloads its append-only file; records the new pid."""
+        info = self._recorded()
+        if pid_alive(info.redis.pid, info.redis.binary):
+            raise StackError(f"the embedded Redis (pid {info.redis.pid}) is already running; "
+                             f"stop it first")
+        _check_port(info.host, info.redis.port, "AGENTFABRIC_REDIS_PORT")
+        redis, popen = self._spawn_redis(info.host, info.redis.port)
+        try:
+            self._wait_ready(redis, popen, lambda: _ping_redis(info.host, info.redis.port))
+        except BaseException:
+            self._terminate(redis)
+            raise
+        self._write_state(StackInfo(broker=info.broker, redis=redis, host=info.host))
+        return redis
+
+    def _recorded(self) -> StackInfo:
+        try:
+            return self._read_state()
+        except FileNotFoundError as exc:
+            raise StackError(f"no embedded stack is recorded in {self.state_dir}; start one "
+                             f"with `agentfabric up`") from exc
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StackError(f"{self.state_path} is unreadable ({exc}); stop the processes "
+                             f"by hand and delete it") from exc
+
+    def _read_state(self) -> StackInfo:
+        data = json.loads(self.state_path.read_text())
+        return StackInfo(broker=ManagedProcess(**data["broker"]),
+                         redis=ManagedProcess(**data["redis"]), host=data["host"])
+
+    def _write_state(self, info: StackInfo) -> None:
+        text = json.dumps({"host": info.host, "broker": asdict(info.broker),
+                           "redis": asdict(info.redis)}, indent=2)
+        partial = self.state_path.with_suffix(".tmp")
+        partial.write_text(text)
+        partial.replace(self.state_path)  # atomic: `down` never reads half a file
+
+    def _clear_redis_data(self) -> None:
+        for name in REDIS_DATA:
+            path = self.state_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+    def _spawn_redis(self, host: str, port: int,
+                     ) -> tuple[ManagedProcess, subprocess.Popen[bytes]]:
+        return self._spawn("redis", redis_binary(), port, [
+            "--port", str(port), "--bind", host, "--daemonize", "no",
+            "--dir", str(self.state_dir.resolve()), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--appendfilename", AOF_FILE,
+            "--maxmemory-policy", "noeviction"])
 
     def _spawn(self, name: str, binary: str, port: int, args: list[str],
                ) -> tuple[ManagedProcess, subprocess.Popen[bytes]]:
@@ -239,12 +303,16 @@ class EmbeddedStack:
         raise StackError(f"the embedded {proc.name} did not answer on port {proc.port} within "
                          f"{READY_TIMEOUT_S:.0f}s; see {proc.log}")
 
-    def _terminate(self, proc: ManagedProcess, timeout_s: float = 10.0) -> bool:
+    def _terminate(self, proc: ManagedProcess, timeout_s: float = 10.0, *,
+                   kill: bool = False) -> bool:
         child = self._children.pop(proc.pid, None)
         if child is not None:  # started by this object: Popen reaps it
             if child.poll() is not None:
                 return False
-            child.terminate()
+            if kill:
+                child.kill()
+            else:
+                child.terminate()
             try:
                 child.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -254,7 +322,7 @@ class EmbeddedStack:
         if not pid_alive(proc.pid, proc.binary):
             _reap(proc.pid)
             return False
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             _reap(proc.pid)

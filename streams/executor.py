@@ -45,7 +45,8 @@ class Job:
 
     ``dedupe_key`` names the record's output in the emission store (``None``: not deduped);
     ``subject`` is the run envelope a dead letter of this record describes, if any;
-    ``trace_parent`` is the W3C trace context the record carries.
+    ``trace_parent`` is the W3C trace context the record carries; ``first_failure_ms``
+    when the run first failed at this step (a retry) and ``due_ms`` when a held retry is due.
     """
 
     message: AvroModel
@@ -53,6 +54,8 @@ class Job:
     timeout_s: float
     subject: StepMessage | None = None
     trace_parent: str | None = None
+    first_failure_ms: int | None = None
+    due_ms: int | None = None
 
 
 class Executor(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from agentfabric.errors import UnavailableError
+from .batching import redis_unavailable
 
 __all__ = ["RedisJoinStore"]
 
@@ -33,9 +33,8 @@ class RedisJoinStore:
             found = await self._script(
                 keys=[self._prefix + key, self._prefix + key + ":emitter"],
                 args=[branch, payload, total, self._ttl_s])
-        except RedisError as exc:
-            raise UnavailableError(f"Redis is unavailable for a parallel join "
-                                 f"({type(exc).__name__}); the branch will be retried") from exc
+        except (RedisError, OSError) as exc:
+            raise redis_unavailable(exc, doing="a parallel join") from exc
         if not found:
             return None
         items = [v.decode() if isinstance(v, bytes) else str(v) for v in found]

@@ -2,6 +2,7 @@
 
     <prefix>.triggers.<source>     trigger events (from ingress or any producer)
     <prefix>.<workflow>.<step>     a run waiting for that step
+    <prefix>.retry.<workflow>.<step>.<delay>   runs waiting to try that step again
     <prefix>.results.<workflow>    finished runs
     <prefix>.dlq                   dead letters
     <prefix>.approvals             runs handed to a person
@@ -34,6 +35,14 @@ class TopicNames:
     def step(self, workflow: str, step: str) -> str:
         return f"{self.prefix}.{workflow}.{step}"
 
+    def retry(self, workflow: str, step: str, delay_s: float) -> str:
+        """The retry topic of one step's tier, named for its delay (``10s``, ``0_5s``)."""
+        return f"{self.prefix}.retry.{workflow}.{step}.{_delay_label(delay_s)}"
+
+    @property
+    def retry_group(self) -> str:
+        return f"{self.prefix}.retry"
+
     def results(self, workflow: str) -> str:
         return f"{self.prefix}.results.{workflow}"
 
@@ -60,6 +69,10 @@ class TopicNames:
         """The source a trigger topic carries, or None if ``topic`` is not a trigger topic."""
         head = f"{self.prefix}.triggers."
         return topic[len(head):] if topic.startswith(head) and len(topic) > len(head) else None
+
+
+def _delay_label(delay_s: float) -> str:
+    return f"{delay_s:g}s".replace(".", "_")
 
 
 async def apply_topics(bootstrap_servers: str, topics: list[str], *, partitions: int,

@@ -82,7 +82,7 @@ class PartitionWindow:
     async def _run(self, record: ConsumerRecord, before: asyncio.Task[bool] | None) -> bool:
         if before is not None and not before.done():
             await asyncio.wait((before,))  # same key: strictly after the earlier record
-        if self.closed and before is not None and not self._succeeded(before):
+        if before is not None and not self._succeeded(before):
             return False  # the earlier record of this key was abandoned: so is this one
         return await self._work(record, self)
 

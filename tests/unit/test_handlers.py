@@ -199,9 +199,12 @@ async def test_transient_step_failure_retries_then_dead_letters(
     enrich = step_handler(engine, store, "lead_enrichment", "enrich", 2)
     [retry] = (await enrich.handle(record(to_enrich.topic, to_enrich.value,
                                           list(to_enrich.headers)))).messages
-    assert retry.topic == to_enrich.topic
+    assert retry.topic == "af.retry.lead_enrichment.enrich.1s", "waits on the first tier"
     assert decode(retry.value, retry.headers, StepMessage).attempt == 2
-    handled = await enrich.handle(record(retry.topic, retry.value, list(retry.headers)))
+    headers = dict(retry.headers)
+    assert int(headers["af-retry-due"]) - int(headers["af-first-failure"]) == 1000
+    # the retry consumer puts it back on the step's topic when it is due
+    handled = await enrich.handle(record(to_enrich.topic, retry.value, list(retry.headers)))
     letter = only_dead_letter(handled.messages)
     assert letter.reason == ("the CRM is unavailable (gave up after 2 attempts; replay the "
                              "dead letter once the cause is fixed)")

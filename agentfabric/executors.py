@@ -18,9 +18,11 @@ from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
 from schemas.serde import decode
 from streams.codec import (
     FIRST_FAILURE_HEADER,
+    REPLAY_HEADER,
     RETRY_DUE_HEADER,
     decode_trigger,
     header_ms,
+    header_text,
     trace_header,
     trace_of,
 )
@@ -49,9 +51,11 @@ class RouterExecutor:
     def decode(self, record: ConsumerRecord) -> Job:
         source = self.names.source_of(record.topic) or ""
         event = decode_trigger(record, source)
-        return Job(message=event, dedupe_key=f"trigger:{event.tenant}:{event.source}:"
-                                             f"{event.event_id}",
-                   timeout_s=self.timeout_s, trace_parent=trace_of(record))
+        done = f"trigger:{event.tenant}:{event.source}:{event.event_id}"
+        replay_of = header_text(record, REPLAY_HEADER)
+        return Job(message=event, dedupe_key=f"{done}:replay:{replay_of}" if replay_of else done,
+                   done_key=done, timeout_s=self.timeout_s, trace_parent=trace_of(record),
+                   replay_of=replay_of)
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         assert isinstance(job.message, TriggerEvent)
@@ -90,11 +94,14 @@ class StepExecutor:
 
     def decode(self, record: ConsumerRecord) -> Job:
         message = decode(record.value, record.headers, StepMessage)
-        return Job(message=message, dedupe_key=f"step:{message.idempotency_key}:"
-                                               f"{message.attempt}",
-                   timeout_s=self._timeout(message), subject=message,
+        done = f"step:{message.idempotency_key}"
+        replay_of = header_text(record, REPLAY_HEADER)
+        lineage = f":replay:{replay_of}" if replay_of else ""
+        return Job(message=message, dedupe_key=f"{done}{lineage}:{message.attempt}",
+                   done_key=done, timeout_s=self._timeout(message), subject=message,
                    trace_parent=message.trace_parent,
-                   first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER))
+                   first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER),
+                   replay_of=replay_of)
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         message = job.message
@@ -117,7 +124,7 @@ class StepExecutor:
         first = job.first_failure_ms or now_ms
         again = message.model_copy(update={"attempt": message.attempt + 1})
         return Emit(self.names.retry(again.workflow, again.step, delay), again.run_id, again,
-                    (*trace_header(again),
+                    (*trace_header(again), *_lineage(job),
                      (RETRY_DUE_HEADER, str(now_ms + int(delay * 1000)).encode()),
                      (FIRST_FAILURE_HEADER, str(first).encode())))
 
@@ -153,7 +160,8 @@ class RetryExecutor:
         wait_s = max(0.0, due_ms / 1000 - time.time())
         return Job(message=message, dedupe_key=None, timeout_s=wait_s + self.grace_s,
                    subject=message, trace_parent=message.trace_parent, due_ms=due_ms,
-                   first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER))
+                   first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER),
+                   replay_of=header_text(record, REPLAY_HEADER))
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         message = job.message
@@ -161,7 +169,7 @@ class RetryExecutor:
         wait_s = (job.due_ms or 0) / 1000 - time.time()
         if wait_s > 0:
             await asyncio.sleep(wait_s)
-        headers = trace_header(message)
+        headers = (*trace_header(message), *_lineage(job))
         if job.first_failure_ms is not None:
             headers = (*headers, (FIRST_FAILURE_HEADER, str(job.first_failure_ms).encode()))
         return [Emit(self.names.step(message.workflow, message.step), message.run_id, message,
@@ -169,6 +177,11 @@ class RetryExecutor:
 
     def retry(self, job: Job, error: TransientError) -> Emit | None:
         return None  # putting a run back on its topic has nothing to wait out
+
+
+def _lineage(job: Job) -> tuple[tuple[str, bytes], ...]:
+    """The replay lineage a retried record keeps (its dedupe keys depend on it)."""
+    return ((REPLAY_HEADER, job.replay_of.encode()),) if job.replay_of else ()
 
 
 def executors_for(engine: Engine, settings: Settings, workflows: Sequence[str], *,

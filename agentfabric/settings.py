@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=8.0, gt=0, le=300,
         description="How long a revoked partition's records in flight are awaited before they "
                     "are abandoned (uncommitted, so the next owner runs them).")
+    lease_ttl_s: float = Field(
+        default=30.0, ge=1, le=3_600,
+        description="Lease on a running step (renewed every third of it): while it holds, no "
+                    "other worker runs the same step; after a crash the step runs again once "
+                    "it lapses.")
     step_timeout_s: float = Field(
         default=300.0, gt=0, le=86_400,
         description="Longest one step may run; past it the attempt fails as transient and is "

@@ -12,11 +12,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agents.engine import Engine
+from streams.batching import redis_unavailable
 from streams.consumer import StepConsumer
 from streams.joins import RedisJoinStore
 from streams.runtime import Runtime
 
-from .errors import StackError, UnavailableError
+from .errors import StackError
 from .executors import executors_for
 from .settings import Settings
 
@@ -26,14 +27,35 @@ log = logging.getLogger(__name__)
 
 
 async def connect_redis(settings: Settings) -> Redis:
+    """A client for ``redis_url`` that has answered a PING; warns (once, at start-up) when
+    the server's settings endanger runs: an evicting ``maxmemory-policy`` or no persistence.
+    Managed services often disable CONFIG; then nothing is checked."""
+    url = settings.secret_free_redis_url
     redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
     try:
         await redis.ping()
     except (RedisError, OSError) as exc:
         await redis.aclose()
-        raise UnavailableError(f"cannot reach Redis at {settings.secret_free_redis_url} "
-                               f"({type(exc).__name__}); start it with `agentfabric up` or set "
-                               f"AGENTFABRIC_REDIS_URL") from exc
+        raise redis_unavailable(exc, doing=f"the first PING to {url}", retried=False) from exc
+    try:
+        found: dict[str, str] = {}
+        for name in ("maxmemory-policy", "appendonly", "save"):
+            reply = await redis.config_get(name)
+            found.update({k.decode() if isinstance(k, bytes) else str(k):
+                          v.decode() if isinstance(v, bytes) else str(v)
+                          for k, v in reply.items()})
+    except RedisError as exc:
+        log.debug("Redis at %s does not show its configuration (%s); not checked", url, exc)
+        return redis
+    policy = found.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction":
+        log.warning("Redis at %s has maxmemory-policy %s: set it to noeviction, since evicting "
+                    "agentfabric's idempotency or join keys runs steps twice or strands "
+                    "parallel runs", url, policy)
+    if found.get("appendonly") == "no" and not found.get("save"):
+        log.warning("Redis at %s persists nothing (appendonly no, no save points): a Redis "
+                    "restart loses parallel joins and stored outputs; set appendonly yes",
+                    url)
     return redis
 
 

@@ -9,18 +9,20 @@ column), problems with a run's data raise ``ExpressionEvalError`` (ending with t
 ``and``, ``or``, ``x if c else y``, chained comparisons and ``coalesce()`` stop evaluating as
 soon as the result is known; use ``get(obj, key, default)`` to read a field that may be missing.
 The tokenizer and parser live in :mod:`agents.expr_parser`, the functions in
-:mod:`agents.functions`; this module evaluates the tree and re-exports the public names.
+:mod:`agents.functions`, the limits (sizes checked before building, nesting depth) and the value
+rules in :mod:`agents.expr_values`; this module evaluates the tree and re-exports the public
+names.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
+from itertools import islice
 from typing import Any
 
 from agentfabric.errors import ExpressionEvalError, ExpressionSyntaxError
 from agents.expr_parser import (
-    MAX_DEPTH,
     _Attr,
     _BoolOp,
     _Call,
@@ -37,38 +39,44 @@ from agents.expr_parser import (
     _Path,
     _quote,
 )
-from agents.functions import (
-    FUNCTIONS,
+from agents.expr_values import (
+    _MAX_INT_BITS,
+    _SHOWN,
+    MAX_DEPTH,
+    MAX_LENGTH,
+    MAX_NESTING,
     _a,
-    _check_size,
+    _check_count,
+    _check_length,
+    _clip,
     _contains,
     _equal,
     _finite,
     _is_num,
     _Problem,
     _show,
+    _text,
     _type,
     to_text,
 )
+from agents.functions import FUNCTIONS
 
 __all__ = [
     "FUNCTIONS",
     "MAX_DEPTH",
     "MAX_LENGTH",
+    "MAX_NESTING",
     "Expression",
     "compile_expression",
     "to_text",
 ]
-
-MAX_LENGTH = 2000  # characters in one expression
-_MAX_INT_BITS = 13_000  # about 3900 digits: below what Python will still turn into text
 
 
 # ---------------------------------------------------------------- evaluation
 
 
 def _keys(mapping: Mapping[Any, Any]) -> str:
-    names = [str(key) for key in list(mapping)[:20]]
+    names = [_clip(str(key)) for key in islice(mapping, 20)]
     more = f", and {len(mapping) - 20} more" if len(mapping) > 20 else ""
     return ", ".join(names) + more
 
@@ -89,9 +97,11 @@ _ORDER: dict[str, Callable[[Any, Any], bool]] = {
 
 def _arith(op: str, a: Any, b: Any) -> Any:
     if op == "+" and isinstance(a, str) and isinstance(b, str):
-        return _check_size(a + b, "'+'")
+        _check_length(len(a) + len(b), "'+'")
+        return a + b
     if op == "+" and isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return _check_size([*a, *b], "'+'")
+        _check_count(len(a) + len(b), "'+'")
+        return [*a, *b]
     if not (_is_num(a) and _is_num(b)):
         raise _Problem(_ARITH_ERRORS[op].format(a=_type(a), b=_type(b)))
     if op in ("/", "//", "%") and b == 0:
@@ -124,7 +134,7 @@ def _lookup(value: Any, key: Any, where: str, attr: bool) -> Any:
             found = False
         if found:
             return value[key]
-        what = f"field '{key}'" if isinstance(key, str) else f"key {_show(key)}"
+        what = f"field '{_clip(key)}'" if isinstance(key, str) else f"key {_show(key)}"
         listing = f"it has: {_keys(value)}" if value else "it is empty"
         raise _Problem(f"{where} has no {what} ({listing})")
     if isinstance(value, list | tuple) and not attr and _type(key) == "number":
@@ -135,7 +145,9 @@ def _lookup(value: Any, key: Any, where: str, attr: bool) -> Any:
         items = f"{len(value)} item{'' if len(value) == 1 else 's'}"
         raise _Problem(f"{where} has no item at index {key} (it has {items})")
     if isinstance(key, str):
-        raise _Problem(f"{where} is {_a(kind)}, not an object, so it has no field '{key}'")
+        raise _Problem(
+            f"{where} is {_a(kind)}, not an object, so it has no field '{_clip(key)}'"
+        )
     if kind == "list":
         raise _Problem(f"{where} is a list, so its index must be a whole number, not {_type(key)}")
     raise _Problem(f"{where} is {_a(kind)}, not a list, so it has no item at index {_show(key)}")
@@ -156,7 +168,7 @@ def _eval(node: _Node, ctx: Mapping[str, Any]) -> Any:
                 attr = isinstance(step, _Attr)
                 key = step.name if isinstance(step, _Attr) else _eval(step.index, ctx)
                 value = _lookup(value, key, where, attr)
-                plain = isinstance(key, str) and key.isidentifier()
+                plain = isinstance(key, str) and len(key) <= _SHOWN and key.isidentifier()
                 where += f".{key}" if attr or plain else f"[{_show(key)}]"
             return value
         case _List(items):
@@ -241,6 +253,19 @@ class Expression:
     def evaluate(self, context: Mapping[str, Any]) -> Any:
         try:
             return _eval(self._root, context)
+        except _Problem as exc:
+            raise ExpressionEvalError(f"{exc} in {_quote(self.text)}") from exc.__cause__
+        except RecursionError as exc:  # the depth checks run out of stack only when the
+            raise ExpressionEvalError(  # caller is already deep: say so instead of crashing
+                f"the value is nested too deeply to evaluate (the limit is {MAX_NESTING} levels)"
+                f" in {_quote(self.text)}"
+            ) from exc
+
+    def evaluate_text(self, context: Mapping[str, Any]) -> str:
+        """The value's text form (``str()``), as template interpolation puts it in a string."""
+        value = self.evaluate(context)
+        try:
+            return _text(value, "interpolating the value")
         except _Problem as exc:
             raise ExpressionEvalError(f"{exc} in {_quote(self.text)}") from exc.__cause__
 

@@ -4,7 +4,8 @@
 :mod:`agents.expr` walks the resulting ``_Node`` tree. Every problem raises
 ``ExpressionSyntaxError`` naming the column. Calls are checked here against the whitelist in
 :data:`agents.functions.FUNCTIONS` (the name and the number of arguments), so an expression
-that parses only ever calls a known function.
+that parses only ever calls a known function; a literal ``matches()`` pattern is compiled here
+too, so a pattern RE2 cannot run fails when the workflow loads.
 Names with a leading underscore are private to the expression language, not part of its API.
 """
 
@@ -17,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from agentfabric.errors import ExpressionSyntaxError
-from agents.functions import _ARITY, FUNCTIONS, _is_num
+from agents.expr_values import MAX_DEPTH, _is_num
+from agents.functions import _ARITY, FUNCTIONS, _BadPattern, _regex
 
 __all__ = ["MAX_DEPTH"]
-
-MAX_DEPTH = 50  # nested brackets, calls, unary operators and conditionals
 
 
 def _quote(text: str) -> str:
@@ -332,6 +332,7 @@ class _Parser:
         if name.value not in FUNCTIONS:
             known = ", ".join(sorted(FUNCTIONS))
             self.fail(f"unknown function '{name.value}'", name.col, f"; known functions: {known}")
+        first = self.i
         args = self.items(")", self.take())
         low, high = _ARITY[name.value]
         if len(args) < low or (high is not None and len(args) > high):
@@ -343,4 +344,15 @@ class _Parser:
             )
             plural = "" if (low if high is None else high) == 1 else "s"
             self.fail(f"{name.value}() takes {count} argument{plural}, got {len(args)}", name.col)
+        if name.value == "matches" and isinstance(args[1], _Const):
+            self.check_pattern(args[1].value, self.toks[first : self.i])
         return _Call(name.value, args)
+
+    def check_pattern(self, pattern: Any, toks: list[_Tok]) -> None:
+        """A literal ``matches()`` pattern RE2 cannot compile fails when the workflow loads."""
+        if isinstance(pattern, str):
+            try:
+                _regex(pattern)
+            except _BadPattern as exc:  # the literal is the call's last string token
+                col = next(tok.col for tok in reversed(toks) if tok.kind == "str")
+                self.fail(exc.detail, col, f"; {exc.hint}" if exc.hint else "")

@@ -1,10 +1,12 @@
-"""The whitelisted functions of the expression language, and the JSON value rules they share.
+"""The whitelisted functions of the expression language.
 
 ``FUNCTIONS`` maps each name an expression may call (``lower``, ``len``, ``round``, ``get``,
 ``matches``, ...) to its implementation; each checks its own arguments and raises a readable
-error naming the function and the argument. The value rules here (JSON type names, equality
-where ``1 == 1.0`` but ``true != 1``, membership, the ``str()`` text form and the size limits)
-are also what the operators in :mod:`agents.expr` use, so both live below the evaluator.
+error naming the function and the argument. Functions that build strings or lists work out the
+size of the result first and refuse it, before building anything, when it would pass the
+limits in :mod:`agents.expr_values` (which also holds the value rules the operators in
+:mod:`agents.expr` use). ``matches()`` runs on RE2, whose time is linear in the string searched:
+a pattern RE2 does not support (backreferences, lookaround) is an error, not a slow search.
 Names with a leading underscore are private to the expression language (this module,
 :mod:`agents.expr_parser` and :mod:`agents.expr`), not part of its API.
 """
@@ -12,16 +14,33 @@ Names with a leading underscore are private to the expression language (this mod
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from decimal import ROUND_HALF_UP, Context, Decimal
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
-from agentfabric.errors import ExpressionEvalError
+import re2
+
+from agents.expr_values import (
+    _MAX_INT_BITS,
+    _PATTERN_MEMORY,
+    MAX_ITEMS,
+    MAX_PATTERN,
+    MAX_STRING,
+    MAX_SUBJECT,
+    _a,
+    _check_count,
+    _check_length,
+    _contains,
+    _finite,
+    _is_num,
+    _Problem,
+    _show,
+    _text,
+    _type,
+    to_text,
+)
 
 __all__ = [
     "FUNCTIONS",
@@ -31,101 +50,6 @@ __all__ = [
     "MAX_SUBJECT",
     "to_text",
 ]
-
-MAX_STRING = 1_000_000  # characters in a string an operator or function builds
-MAX_ITEMS = 100_000  # items in a list an operator builds
-MAX_PATTERN = 1000  # characters in a matches() pattern
-MAX_SUBJECT = 10_000  # characters in the string matches() searches
-
-
-class _Problem(ExpressionEvalError):
-    """An evaluation error before ``Expression.evaluate`` appends the expression text."""
-
-
-# ---------------------------------------------------------------- value helpers
-
-
-def _type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "list"
-    return "object" if isinstance(value, Mapping) else type(value).__name__
-
-
-def _a(kind: str) -> str:
-    return kind if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def to_text(value: Any) -> str:
-    """The string form used by ``str()`` and template interpolation."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if _is_num(value):
-        return str(value)
-    try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value) if value is None or isinstance(value, str) else to_text(value)
-
-
-def _equal(a: Any, b: Any) -> bool:
-    """JSON equality: 1 == 1.0, but true != 1."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    return bool(a == b)
-
-
-def _contains(container: Any, item: Any, who: str) -> bool:
-    if isinstance(container, str):
-        if not isinstance(item, str):
-            raise _Problem(f"{who} cannot look for {_a(_type(item))} in a string")
-        return item in container
-    if isinstance(container, list | tuple):
-        return any(_equal(item, x) for x in container)
-    if isinstance(container, Mapping):
-        try:
-            return item in container
-        except TypeError:
-            return False
-    raise _Problem(f"{who} needs a string, list or object to look in, got {_type(container)}")
-
-
-def _check_size(value: Any, what: str) -> Any:
-    if isinstance(value, str) and len(value) > MAX_STRING:
-        raise _Problem(f"{what} would build a string longer than {MAX_STRING} characters")
-    if isinstance(value, list) and len(value) > MAX_ITEMS:
-        raise _Problem(f"{what} would build a list longer than {MAX_ITEMS} items")
-    return value
-
-
-def _finite(value: Any, what: str) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _Problem(f"{what} is not a finite number")
-    return value
-
 
 # ---------------------------------------------------------------- functions
 
@@ -142,6 +66,19 @@ def _string_fn(name: str, op: Callable[[str], Any]) -> Callable[[Any], Any]:
     def fn(s: Any) -> Any:
         _want(name, None, s, "string")
         return op(s)
+
+    return fn
+
+
+def _case_fn(name: str, op: Callable[[str], str]) -> Callable[[Any], Any]:
+    """``lower``/``upper``: a character maps to one to three, so the result is refused when
+    the string alone passes the limit, and checked again once built (at most three times it)."""
+    def fn(s: Any) -> Any:
+        _want(name, None, s, "string")
+        _check_length(len(s), f"{name}()")
+        result = op(s)
+        _check_length(len(result), f"{name}()")
+        return result
 
     return fn
 
@@ -192,25 +129,36 @@ def _contains_fn(container: Any, item: Any) -> bool:
 
 def _split(s: Any, sep: Any = None) -> Any:
     _want("split", 1, s, "string")
-    if sep is not None:
-        _want("split", 2, sep, "string")
-        if not sep:
-            raise _Problem("split() needs a non-empty separator")
+    if sep is None:  # on runs of whitespace: stop one piece past the limit
+        parts: list[str] = s.split(maxsplit=MAX_ITEMS)
+        _check_count(len(parts), "split()")
+        return parts
+    _want("split", 2, sep, "string")
+    if not sep:
+        raise _Problem("split() needs a non-empty separator")
+    _check_count(s.count(sep) + 1, "split()")
     return s.split(sep)
 
 
 def _join(items: Any, sep: Any = "") -> str:
     _want("join", 1, items, "list")
     _want("join", 2, sep, "string")
-    return str(_check_size(sep.join(to_text(item) for item in items), "join()"))
+    total = len(sep) * max(len(items) - 1, 0)
+    _check_length(total, "join()")
+    texts: list[str] = []
+    for item in items:  # the texts so far stay under the limit, so nothing large is built
+        text = _text(item, "join()")
+        total += len(text)
+        _check_length(total, "join()")
+        texts.append(text)
+    return str(sep).join(texts)
 
 
 def _replace(s: Any, old: Any, new: Any) -> str:
     for pos, value in enumerate((s, old, new), 1):
         _want("replace", pos, value, "string")
     count = s.count(old) if old else len(s) + 1
-    if len(s) + count * (len(new) - len(old)) > MAX_STRING:
-        raise _Problem(f"replace() would build a string longer than {MAX_STRING} characters")
+    _check_length(len(s) + count * (len(new) - len(old)), "replace()")
     return str(s.replace(old, new))
 
 
@@ -233,22 +181,25 @@ def _sum(items: Any) -> Any:
         if not _is_num(item):
             raise _Problem(f"sum() adds only numbers, got {_type(item)}")
     try:
-        return _finite(sum(items), "the result of sum()")
+        total = _finite(sum(items), "the result of sum()")
     except OverflowError as exc:
         raise _Problem("the result of sum() is too large") from exc
+    if isinstance(total, int) and total.bit_length() > _MAX_INT_BITS:
+        raise _Problem("the result of sum() is too large")
+    return total
 
 
-_NUMBER = re.compile(r"\s*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*")
-_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+_NUMBER = re2.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_INTEGER = re2.compile(r"[+-]?[0-9]+")
 
 
 def _convert(name: str, value: Any) -> Any:
     _want(name, None, value, "number", "string", "boolean")
-    if isinstance(value, str) and not _NUMBER.fullmatch(value):
+    if isinstance(value, str) and not _NUMBER.fullmatch(value.strip()):
         raise _Problem(f"{name}() cannot convert {_show(value)} to a number")
     try:
-        if isinstance(value, str):
-            value = int(value) if _INTEGER.fullmatch(value) else float(value)
+        if isinstance(value, str):  # strip(): the whitespace int() and float() accept
+            value = int(value) if _INTEGER.fullmatch(value.strip()) else float(value)
         value = _finite(float(value) if name == "float" else value, f"the result of {name}()")
         return int(value) if name == "int" else value
     except (ValueError, OverflowError) as exc:  # more digits than Python converts
@@ -281,33 +232,65 @@ def _pluck(items: Any, path: Any) -> list[Any]:
     """``pluck(hits, 'metadata.name')``: that dotted field of every item (null if missing)."""
     _want("pluck", 1, items, "list")
     _want("pluck", 2, path, "string")
+    _check_count(len(items), "pluck()")
+    keys = path.split(".")
     found = []
     for item in items:
         value = item
-        for key in str(path).split("."):
-            value = _fetch("pluck", value, key, None) if isinstance(value, Mapping) else None
+        for key in keys:
+            if not isinstance(value, Mapping):
+                value = None
+                break
+            value = _fetch("pluck", value, key, None)
         found.append(value)
     return found
 
 
-@lru_cache(maxsize=256)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _pattern_options() -> Any:
+    options = re2.Options()
+    options.max_mem = _PATTERN_MEMORY
+    options.log_errors = False  # the reason reaches the user in the error instead
+    return options
+
+
+_OPTIONS = _pattern_options()
+
+
+class _BadPattern(_Problem):
+    """A ``matches()`` pattern that cannot be used; the parser reports a literal one."""
+
+    def __init__(self, detail: str, hint: str = "") -> None:
+        super().__init__(f"{detail}; {hint}" if hint else detail)
+        self.detail, self.hint = detail, hint
+
+
+def _regex(pattern: str) -> Any:
+    """``pattern`` compiled by RE2 (re2 keeps the last 128 in its own LRU cache).
+
+    Also called by the parser on a literal pattern, so a bad one fails when the workflow loads.
+    """
+    if len(pattern) > MAX_PATTERN:
+        raise _BadPattern(f"matches() takes a pattern of at most {MAX_PATTERN} characters")
+    try:
+        return re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else ""
+        reason = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
+        raise _BadPattern(
+            f"matches() got an invalid regular expression ({reason})",
+            "patterns use RE2 syntax, which has no backreferences or lookaround",
+        ) from exc
 
 
 def _matches(s: Any, pattern: Any) -> bool:
     _want("matches", 1, s, "string")
     _want("matches", 2, pattern, "string")
-    if len(pattern) > MAX_PATTERN:
-        raise _Problem(f"matches() takes a pattern of at most {MAX_PATTERN} characters")
-    if len(s) > MAX_SUBJECT:  # bounds the time a backtracking pattern can take
+    regex = _regex(pattern)
+    if len(s) > MAX_SUBJECT:  # RE2's time is linear in it, times the pattern's size
         raise _Problem(
             f"matches() searches a string of at most {MAX_SUBJECT} characters, got {len(s)}"
         )
-    try:
-        return _regex(pattern).search(s) is not None
-    except re.error as exc:
-        raise _Problem(f"matches() got an invalid regular expression: {exc}") from exc
+    return regex.search(s) is not None
 
 
 def _coalesce(*args: Any) -> Any:
@@ -315,8 +298,8 @@ def _coalesce(*args: Any) -> Any:
 
 
 FUNCTIONS: Mapping[str, Callable[..., Any]] = MappingProxyType({
-    "lower": _string_fn("lower", str.lower),
-    "upper": _string_fn("upper", str.upper),
+    "lower": _case_fn("lower", str.lower),
+    "upper": _case_fn("upper", str.upper),
     "trim": _string_fn("trim", str.strip),
     "len": _len,
     "contains": _contains_fn,

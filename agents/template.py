@@ -4,7 +4,9 @@ A string that is exactly one ``{{ expr }}`` (surrounding spaces aside) renders t
 expression's native value: a number stays a number, a dict stays a dict. Any other string with
 ``{{ ... }}`` parts renders to a string, each part replaced by its text form (``str()`` in the
 expression language: null is "", booleans are true/false, lists and dicts are compact JSON).
-Dicts and lists are compiled recursively; dict keys are plain strings, never templates.
+Dicts and lists are compiled recursively, at most ``MAX_NESTING`` levels deep; dict keys are
+plain strings, never templates. A rendered string is at most ``MAX_STRING`` characters: the
+parts are converted one by one and the string is refused before it is joined.
 A part that does not parse raises ``TemplateSyntaxError``, an ``ExpressionSyntaxError`` whose
 ``location`` is the field path inside the value, as ``Template.expressions()`` reports it.
 """
@@ -16,8 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agentfabric.errors import ExpressionSyntaxError
-from agents.expr import Expression, compile_expression, to_text
+from agentfabric.errors import ExpressionEvalError, ExpressionSyntaxError
+from agents.expr import Expression, compile_expression
+from agents.expr_values import MAX_NESTING, MAX_STRING
 
 __all__ = ["Template", "TemplateSyntaxError", "compile_template"]
 
@@ -124,15 +127,35 @@ def _field(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _compile(value: Any, where: str) -> _Node:
+def _compile(value: Any, where: str, depth: int = 0) -> _Node:
     """Compile ``value``, found at field path ``where`` (paths are spelled as in ``_walk``)."""
     if isinstance(value, str):
         return _compile_string(value, where)
+    if isinstance(value, Mapping | list | tuple) and depth >= MAX_NESTING:
+        raise TemplateSyntaxError(f"the value nests deeper than {MAX_NESTING} levels", where)
     if isinstance(value, Mapping):
-        return _Dict(tuple((k, _compile(item, _field(where, k))) for k, item in value.items()))
+        return _Dict(tuple(
+            (k, _compile(item, _field(where, k), depth + 1)) for k, item in value.items()
+        ))
     if isinstance(value, list | tuple):
-        return _List(tuple(_compile(item, f"{where}[{i}]") for i, item in enumerate(value)))
+        return _List(tuple(
+            _compile(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)
+        ))
     return _Literal(value)
+
+
+def _join(parts: tuple[str | Expression, ...], context: Mapping[str, Any]) -> str:
+    texts, total = [], 0
+    for part in parts:
+        text = part if isinstance(part, str) else part.evaluate_text(context)
+        total += len(text)
+        if total > MAX_STRING:
+            at = f' in "{part.text}"' if isinstance(part, Expression) else ""
+            raise ExpressionEvalError(
+                f"the template would build a string longer than {MAX_STRING} characters{at}"
+            )
+        texts.append(text)
+    return "".join(texts)
 
 
 def _render(node: _Node, context: Mapping[str, Any]) -> Any:
@@ -142,10 +165,7 @@ def _render(node: _Node, context: Mapping[str, Any]) -> Any:
         case _Whole(expression):
             return expression.evaluate(context)
         case _Text(parts):
-            return "".join(
-                part if isinstance(part, str) else to_text(part.evaluate(context))
-                for part in parts
-            )
+            return _join(parts, context)
         case _Dict(items):
             return {key: _render(item, context) for key, item in items}
         case _List(items):

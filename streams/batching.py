@@ -21,6 +21,7 @@ from redis.exceptions import (
     AuthorizationError,
     BusyLoadingError,
     NoPermissionError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -103,7 +104,9 @@ def redis_unavailable(exc: BaseException, *, doing: str = "",
         what = f"Redis is unavailable ({detail}{during})"
         fix = "see the Redis log"
         wait = "records are retried until it answers"
-    return UnavailableError(f"{what}: {fix}; {wait}" if retried else f"{what}: {fix}")
+    translated = UnavailableError(f"{what}: {fix}; {wait}" if retried else f"{what}: {fix}")
+    translated.__cause__ = exc  # also where it is not raised `from` (a pipeline's replies)
+    return translated
 
 
 class PipelinedRedis:
@@ -150,7 +153,9 @@ class PipelinedRedis:
             if future.done():  # its record was cancelled meanwhile
                 continue
             error = next((r for r in part if isinstance(r, BaseException)), None)
-            if error is not None:
+            if isinstance(error, NoScriptError):
+                future.set_exception(error)  # the caller loads its script and tries again
+            elif error is not None:
                 future.set_exception(redis_unavailable(error))
             else:
                 future.set_result(part)

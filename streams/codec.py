@@ -12,12 +12,13 @@ from agentfabric.errors import DecodeError, MessageValidationError
 from schemas.models import StepMessage, TriggerEvent
 from schemas.serde import SCHEMA_HEADER, decode, header_value, validation_reason
 
-__all__ = ["FIRST_FAILURE_HEADER", "RETRY_DUE_HEADER", "TRACE_HEADER", "decode_trigger",
-           "header_ms", "trace_header", "trace_of"]
+__all__ = ["FIRST_FAILURE_HEADER", "REPLAY_HEADER", "RETRY_DUE_HEADER", "TRACE_HEADER",
+           "decode_trigger", "header_ms", "header_text", "trace_header", "trace_of"]
 
 TRACE_HEADER = "traceparent"
 RETRY_DUE_HEADER = "af-retry-due"          # epoch ms when a run on a retry topic is due
 FIRST_FAILURE_HEADER = "af-first-failure"  # epoch ms of a run's first failed attempt at a step
+REPLAY_HEADER = "af-replay-of"  # the dead letter a replayed record came from
 
 
 def decode_trigger(record: ConsumerRecord, source: str) -> TriggerEvent:
@@ -66,3 +67,9 @@ def header_ms(record: ConsumerRecord, key: str) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+def header_text(record: ConsumerRecord, key: str, limit: int = 200) -> str | None:
+    """A short text header (cut at ``limit`` characters), or None if absent."""
+    raw = header_value(record.headers, key)
+    return raw[:limit].decode("utf-8", "replace") if raw is not None else None

@@ -44,6 +44,8 @@ class Job:
     """A decoded record: the input model, how to dedupe it, and how long it may run.
 
     ``dedupe_key`` names the record's output in the emission store (``None``: not deduped);
+    ``done_key`` names the unit of work across attempts and replays (a step visit, a
+    trigger): once one of them completes, the others run nothing;
     ``subject`` is the run envelope a dead letter of this record describes, if any;
     ``trace_parent`` is the W3C trace context the record carries; ``first_failure_ms``
     when the run first failed at this step (a retry) and ``due_ms`` when a held retry is due.
@@ -52,10 +54,12 @@ class Job:
     message: AvroModel
     dedupe_key: str | None
     timeout_s: float
+    done_key: str | None = None
     subject: StepMessage | None = None
     trace_parent: str | None = None
     first_failure_ms: int | None = None
     due_ms: int | None = None
+    replay_of: str | None = None
 
 
 class Executor(Protocol):

@@ -1,4 +1,10 @@
-"""Idempotent steps: remember what a step emitted, keyed by the message's idempotency key.
+"""Idempotent steps: one execution per key, and what it emitted, in Redis.
+
+Before a step runs it *claims* its key: it gets the stored output if there is one, learns
+that the unit of work is already done, or takes a lease (renewed while it runs) so no other
+worker runs it meanwhile. When it finishes it *publishes* its output: the first output
+written wins, and a loser (whose lease ran out while it ran) gets the winner's bytes to
+re-emit instead of its own.
 
 Per key the store holds the encoded output messages until the broker acknowledged them,
 then only that they were acknowledged. A redelivered message whose output was acknowledged
@@ -11,14 +17,18 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Protocol
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 
-from .batching import PipelinedRedis
+from .batching import PipelinedRedis, redis_unavailable
 from .kafka import Outgoing
 
-__all__ = ["EmissionStore", "MemoryEmissionStore", "Recall", "RedisEmissionStore"]
+__all__ = ["Claim", "EmissionStore", "MemoryEmissionStore", "Recall", "RedisEmissionStore"]
 
 Recall = tuple[list[Outgoing] | None, bool]
 _PENDING, _ACKED = b"P", b"A"
@@ -40,37 +50,152 @@ def _load(text: str | bytes) -> list[Outgoing]:
             for m in json.loads(text)]
 
 
-class EmissionStore(Protocol):
-    async def recall(self, key: str) -> Recall:
-        """(stored output or None, whether it was acknowledged)."""
+@dataclass(frozen=True)
+class Claim:
+    """What claiming a key found: ``leased`` (run it), ``stored`` (re-send ``outputs``),
+    ``acked`` or ``done`` (nothing to do), or ``busy`` (another worker holds the lease for
+    ``wait_ms`` more)."""
 
-    async def remember(self, key: str, messages: list[Outgoing]) -> None: ...
+    state: Literal["leased", "stored", "acked", "done", "busy"]
+    outputs: list[Outgoing] | None = None
+    wait_ms: int = 0
+
+
+def _claim_of(entry: bytes | None) -> Claim | None:
+    if entry is None:
+        return None
+    if entry[:1] == _ACKED:
+        return Claim("acked")
+    return Claim("stored", _load(entry[1:]))
+
+
+class EmissionStore(Protocol):
+    async def claim(self, key: str, done_key: str | None, token: str, lease_ms: int) -> Claim:
+        """The stored output of ``key``; else ``done`` if ``done_key`` is marked; else a
+        lease on ``key`` for ``token`` (again if ``token`` holds it already)."""
+
+    async def publish(self, key: str, messages: list[Outgoing], token: str,
+                      done_key: str | None) -> Claim | None:
+        """Store ``messages`` unless another output was stored first (then return that),
+        mark ``done_key`` done, and drop ``token``'s lease."""
+
+    async def renew(self, leases: dict[str, str], lease_ms: int) -> set[str]:
+        """Extend the leases (key -> token); returns the keys whose lease was lost."""
 
     async def acknowledge(self, key: str) -> None: ...
 
     async def forget(self, key: str) -> None:
         """Drop a stored output that could not be sent, so a replay computes it afresh."""
 
+    async def recall(self, key: str) -> Recall:
+        """(stored output or None, whether it was acknowledged)."""
+
+    async def remember(self, key: str, messages: list[Outgoing]) -> None: ...
+
+
+# KEYS: emitted, done, lease. ARGV: token, lease ms.
+_CLAIM = """
+local entry = redis.call('GET', KEYS[1])
+if entry then return {1, entry} end
+if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return {2, ''} end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {3, ''} end
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  return {3, ''}
+end
+return {4, tostring(redis.call('PTTL', KEYS[3]))}
+"""
+# KEYS: emitted, done, lease. ARGV: value, ttl s, token.
+_PUBLISH = """
+local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2])
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], '1', 'EX', ARGV[2]) end
+if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
+if won then return false end
+return redis.call('GET', KEYS[1])
+"""
+# KEYS: lease. ARGV: token, lease ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 class RedisEmissionStore:
     """The store in Redis, shared by every replica; entries expire after ``ttl_s``.
 
-    One string per key: ``P`` + the stored output while it is pending, then just ``A`` once
-    acknowledged (the output is not needed any more), so every operation is one command.
-    Concurrent records share round trips (see ``streams.batching``)."""
+    Per key: ``emitted:<key>`` holds ``P`` + the stored output while it is pending, then
+    just ``A`` once acknowledged; ``lease:<key>`` the token of the worker running it;
+    ``done:<done key>`` marks a unit of work (a step visit, a trigger) as completed, so a
+    replayed dead letter of it runs nothing. Each operation is one command (small Lua
+    scripts), and concurrent records share round trips (see ``streams.batching``)."""
 
     def __init__(self, redis: Redis | PipelinedRedis, prefix: str, ttl_s: int) -> None:
         self._redis = redis if isinstance(redis, PipelinedRedis) else PipelinedRedis(redis)
         self._prefix = f"{prefix}:emitted:"
+        self._lease = f"{prefix}:lease:"
+        self._done = f"{prefix}:done:"
         self._ttl_s = ttl_s
+        self._sha: dict[str, str] = {}
+
+    async def _sha_of(self, text: str) -> str:
+        sha = self._sha.get(text)
+        if sha is None:
+            try:
+                sha = self._sha[text] = await self._redis.redis.script_load(text)
+            except (RedisError, OSError) as exc:
+                raise redis_unavailable(exc) from exc
+        return sha
+
+    async def _script(self, text: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the script once per (keys, args), in one round trip; scripts are loaded
+        again if Redis restarted and forgot them."""
+        sha = await self._sha_of(text)
+
+        def build(pipe: Pipeline) -> None:
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+        try:
+            return await self._redis.execute(build)
+        except NoScriptError:
+            self._sha.pop(text, None)
+            return await self._script(text, calls)
+
+    async def claim(self, key: str, done_key: str | None, token: str, lease_ms: int) -> Claim:
+        [(code, detail)] = await self._script(
+            _CLAIM, [([self._prefix + key, self._done + done_key if done_key else "",
+                       self._lease + key], [token, lease_ms])])
+        if code == 1:
+            found = _claim_of(detail)
+            assert found is not None
+            return found
+        if code == 2:
+            return Claim("done")
+        if code == 3:
+            return Claim("leased")
+        return Claim("busy", wait_ms=max(0, int(detail)))
+
+    async def publish(self, key: str, messages: list[Outgoing], token: str,
+                      done_key: str | None) -> Claim | None:
+        [winner] = await self._script(
+            _PUBLISH, [([self._prefix + key, self._done + done_key if done_key else "",
+                         self._lease + key], [_PENDING + _dump(messages).encode(),
+                                              self._ttl_s, token])])
+        return _claim_of(winner) if winner else None
+
+    async def renew(self, leases: dict[str, str], lease_ms: int) -> set[str]:
+        items = list(leases.items())
+        if not items:
+            return set()
+        replies = await self._script(_RENEW, [([self._lease + key], [token, lease_ms])
+                                              for key, token in items])
+        return {key for (key, _), ok in zip(items, replies, strict=True) if not ok}
 
     async def recall(self, key: str) -> Recall:
         [entry] = await self._redis.execute(lambda pipe: pipe.get(self._prefix + key))
-        if entry is None:
+        found = _claim_of(entry)
+        if found is None:
             return None, False
-        if entry[:1] == _ACKED:
-            return None, True
-        return _load(entry[1:]), False
+        return found.outputs, found.state == "acked"
 
     async def remember(self, key: str, messages: list[Outgoing]) -> None:
         value = _PENDING + _dump(messages).encode()
@@ -86,10 +211,46 @@ class RedisEmissionStore:
 
 
 class MemoryEmissionStore:
-    """The same contract in memory, for unit tests."""
+    """The same contract in memory, for unit tests (leases by wall-clock expiry)."""
 
     def __init__(self) -> None:
         self.entries: dict[str, tuple[str, bool]] = {}
+        self.done: set[str] = set()
+        self.leases: dict[str, tuple[str, float]] = {}
+
+    async def claim(self, key: str, done_key: str | None, token: str, lease_ms: int) -> Claim:
+        if key in self.entries:
+            out, acked = self.entries[key]
+            return Claim("acked") if acked else Claim("stored", _load(out))
+        if done_key is not None and done_key in self.done:
+            return Claim("done")
+        now = time.monotonic()
+        holder = self.leases.get(key)
+        if holder is not None and holder[0] != token and holder[1] > now:
+            return Claim("busy", wait_ms=int((holder[1] - now) * 1000))
+        self.leases[key] = (token, now + lease_ms / 1000)
+        return Claim("leased")
+
+    async def publish(self, key: str, messages: list[Outgoing], token: str,
+                      done_key: str | None) -> Claim | None:
+        if done_key is not None:
+            self.done.add(done_key)
+        if self.leases.get(key, ("", 0.0))[0] == token:
+            del self.leases[key]
+        if key in self.entries:
+            out, acked = self.entries[key]
+            return Claim("acked") if acked else Claim("stored", _load(out))
+        self.entries[key] = (_dump(messages), False)
+        return None
+
+    async def renew(self, leases: dict[str, str], lease_ms: int) -> set[str]:
+        lost = set()
+        for key, token in leases.items():
+            if self.leases.get(key, ("", 0.0))[0] == token:
+                self.leases[key] = (token, time.monotonic() + lease_ms / 1000)
+            else:
+                lost.add(key)
+        return lost
 
     async def recall(self, key: str) -> Recall:
         if key not in self.entries:
@@ -105,4 +266,3 @@ class MemoryEmissionStore:
 
     async def forget(self, key: str) -> None:
         self.entries.pop(key, None)
-

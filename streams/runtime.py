@@ -29,11 +29,12 @@ class Runtime:
     """Consumers for ``executors``; ``ready`` is set once every one has its partitions."""
 
     def __init__(self, settings: Settings, executors: Sequence[Executor], redis: Redis, *,
-                 stages: StagesFactory = default_stages) -> None:
+                 stages: StagesFactory | None = None) -> None:
         self.settings = settings
         self.executors = list(executors)
         self.redis = PipelinedRedis(redis)
-        self.stages = stages
+        self.stages = stages or (lambda producer, store: default_stages(
+            producer, store, settings.lease_ttl_s))
         self.consumers: list[StepConsumer] = []
         self.ready = asyncio.Event()
 

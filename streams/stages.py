@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from .dlq import dead_letter
 from .executor import Emit, Executor, Job
 from .idempotency import EmissionStore
 from .kafka import Outgoing, Producer
+from .leases import LeaseKeeper
 
 __all__ = ["Next", "Pass", "Pipeline", "Stage", "default_stages"]
 
@@ -46,6 +48,8 @@ class Pass:
     outputs: list[Outgoing] = field(default_factory=list)
     ack_key: str | None = None
     error: Exception | None = None  # why the outputs are a dead letter, if they are
+    retried: bool = False  # the outputs are the job's next attempt
+    token: str = ""  # who runs this record (its lease holder)
 
     def dead(self, error: Exception) -> list[Outgoing]:
         self.error = error
@@ -67,6 +71,7 @@ class Pipeline:
 
     def __init__(self, executor: Executor, stages: Sequence[Stage]) -> None:
         self.executor = executor
+        self.instance = uuid.uuid4().hex[:12]  # tokens of this process's leases
         self.stages = list(stages)
         chain: Next = _end
         for stage in reversed(self.stages):
@@ -74,7 +79,8 @@ class Pipeline:
         self._chain = chain
 
     async def run(self, record: ConsumerRecord) -> Pass:
-        work = Pass(record, self.executor)
+        work = Pass(record, self.executor,
+                    token=f"{self.instance}:{record.topic}:{record.partition}:{record.offset}")
         await self._chain(work)
         return work
 
@@ -149,29 +155,51 @@ async def decode(work: Pass, after: Next) -> None:
 
 
 class Dedupe:
-    """Emit-once: an acknowledged output is not sent again, a stored one is re-sent as it
-    was, a fresh one is stored before it is sent. Dead letters are not remembered, so a
-    replayed dead letter runs again."""
+    """One execution per key, emit-once. Before running, a record claims its key: an
+    acknowledged output or a completed unit of work (``job.done_key``, e.g. a replayed dead
+    letter of a step that has since completed) sends nothing; a stored output is re-sent as
+    it was; otherwise the record takes a lease (waiting while another worker holds it) and
+    runs. Its output, dead letters included, is published before it is sent, and the first
+    output published wins: a record that lost its lease re-sends the winner's bytes."""
 
-    def __init__(self, store: EmissionStore) -> None:
+    def __init__(self, store: EmissionStore, lease_ttl_s: float = 30.0) -> None:
         self.store = store
+        self.leases = LeaseKeeper(store, int(lease_ttl_s * 1000))
 
     async def __call__(self, work: Pass, after: Next) -> None:
-        key = work.job.dedupe_key if work.job else None
-        if key is None:
+        job = work.job
+        key = job.dedupe_key if job else None
+        if job is None or key is None:
             await after(work)
             return
-        stored, acked = await self.store.recall(key)
-        if acked:
-            return
-        if stored is not None:
-            work.outputs, work.ack_key = stored, key
-            return
-        await after(work)
-        dlq = work.executor.dlq_topic
-        if work.outputs and all(m.topic == dlq for m in work.outputs):
-            return
-        await self.store.remember(key, work.outputs)
+        token = work.token
+        wait_s = 0.02
+        while True:
+            claim = await self.store.claim(key, job.done_key, token, self.leases.ttl_ms)
+            if claim.state in ("acked", "done"):
+                return
+            if claim.state == "stored":
+                work.outputs, work.ack_key = claim.outputs or [], key
+                return
+            if claim.state == "leased":
+                break
+            # another worker runs this step now: wait for its output or its lease to lapse
+            await asyncio.sleep(min(wait_s, max(claim.wait_ms, 10) / 1000))
+            wait_s = min(wait_s * 2, 1.0)
+        self.leases.hold(key, token)
+        try:
+            await after(work)
+        finally:
+            self.leases.drop(key)
+        done_key = job.done_key if work.error is None and not work.retried else None
+        winner = await self.store.publish(key, work.outputs, token, done_key)
+        if winner is not None:
+            log.warning("%s: another worker published the output of %s first; sending its "
+                        "output instead", work.executor.name, key)
+            if winner.state == "acked":
+                work.outputs = []
+                return
+            work.outputs = winner.outputs or []
         work.ack_key = key
 
 
@@ -204,6 +232,7 @@ async def route(work: Pass, after: Next) -> None:
                                      f"replay the dead letter once the cause is fixed)")
         else:
             work.emits = (retry,)
+            work.retried = True
             failure = None
     if failure is None:
         try:
@@ -219,5 +248,6 @@ async def route(work: Pass, after: Next) -> None:
     await after(work)
 
 
-def default_stages(producer: Producer, store: EmissionStore) -> list[Stage]:
-    return [Acknowledge(producer, store), decode, Dedupe(store), execute, route]
+def default_stages(producer: Producer, store: EmissionStore,
+                   lease_ttl_s: float = 30.0) -> list[Stage]:
+    return [Acknowledge(producer, store), decode, Dedupe(store, lease_ttl_s), execute, route]

@@ -71,3 +71,42 @@ async def test_redis_down_is_transient() -> None:
             await RedisEmissionStore(client, "x", 60).recall("k")
     finally:
         await client.aclose()
+
+
+async def test_claim_takes_a_lease_that_others_wait_on(store: EmissionStore) -> None:
+    assert (await store.claim("c1", "d1", "me", 5_000)).state == "leased"
+    assert (await store.claim("c1", "d1", "me", 5_000)).state == "leased", "re-entrant"
+    other = await store.claim("c1", "d1", "you", 5_000)
+    assert other.state == "busy"
+    assert 0 < other.wait_ms <= 5_000
+
+
+async def test_the_first_output_published_wins(store: EmissionStore) -> None:
+    assert (await store.claim("c2", "d2", "me", 5_000)).state == "leased"
+    assert await store.publish("c2", MESSAGES, "me", "d2") is None
+    loser = await store.publish("c2", MESSAGES[:1], "you", "d2")
+    assert loser is not None
+    assert loser.state == "stored"
+    assert loser.outputs == MESSAGES, "the loser re-sends the winner's bytes"
+    found = await store.claim("c2", "d2", "they", 5_000)
+    assert (found.state, found.outputs) == ("stored", MESSAGES)
+    await store.acknowledge("c2")
+    assert (await store.claim("c2", "d2", "they", 5_000)).state == "acked"
+
+
+async def test_a_completed_unit_of_work_is_done_for_every_other_key(
+        store: EmissionStore) -> None:
+    await store.claim("c3:1", "d3", "me", 5_000)
+    await store.publish("c3:1", MESSAGES, "me", "d3")
+    assert (await store.claim("c3:replay:x:1", "d3", "me", 5_000)).state == "done"
+    assert (await store.claim("c3:replay:x:1", "other", "me", 5_000)).state == "leased"
+
+
+async def test_publishing_releases_the_lease_and_renewal_reports_lost_leases(
+        store: EmissionStore) -> None:
+    assert (await store.claim("c4", None, "me", 5_000)).state == "leased"
+    assert await store.renew({"c4": "me"}, 5_000) == set()
+    assert await store.renew({"c4": "you"}, 5_000) == {"c4"}
+    await store.publish("c4", [], "me", None)
+    assert await store.renew({"c4": "me"}, 5_000) == {"c4"}, "published: the lease is gone"
+    assert (await store.claim("c5", None, "you", 5_000)).state == "leased"

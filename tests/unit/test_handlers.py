@@ -211,17 +211,36 @@ async def test_transient_step_failure_retries_then_dead_letters(
     assert letter.attempts == 2
 
 
-async def test_a_dead_lettered_event_is_not_remembered_so_replay_runs_it(
+async def test_a_dead_lettered_event_is_remembered_and_a_replay_runs_it_once(
         engine: Engine, store: MemoryEmissionStore) -> None:
     router = router_of(engine, store)
     event = lead_json(workflow="ghost")
     first = await router.handle(record("af.triggers.crm", event))
-    assert first.ack_key is None
+    assert first.ack_key is not None, "a dead-lettered outcome is remembered"
     only_dead_letter(first.messages)
-    assert store.entries == {}
-    # the same bytes replayed after the cause is fixed are handled afresh, not swallowed
+    await store.acknowledge(first.ack_key)
+    # a redelivery of the same record runs nothing again
     again = await router.handle(record("af.triggers.crm", event, offset=5))
-    assert only_dead_letter(again.messages).offset == 5
+    assert again.messages == []
+    # a replay of the dead letter (after the cause is fixed) is handled afresh, once
+    replayed = record("af.triggers.crm", event, [("af-replay-of", b"dl-1")], offset=9)
+    fresh = await router.handle(replayed)
+    assert only_dead_letter(fresh.messages).offset == 9
+    assert fresh.ack_key is not None
+    await store.acknowledge(fresh.ack_key)
+    assert (await router.handle(replayed)).messages == [], "the same replay runs once"
+
+
+async def test_a_replay_of_a_completed_step_runs_nothing(engine: Engine,
+                                                         store: MemoryEmissionStore) -> None:
+    [first] = (await router_of(engine, store).handle(
+        record("af.triggers.crm", lead_json()))).messages
+    normalise = step_handler(engine, store, "lead_enrichment", "normalise", 3)
+    done = await normalise.handle(record(first.topic, first.value, list(first.headers)))
+    assert done.messages
+    replay = await normalise.handle(record(first.topic, first.value,
+                                           [*first.headers, ("af-replay-of", b"dl-2")]))
+    assert replay.messages == [], "the step visit completed: its replay runs nothing"
 
 
 def test_secrets_in_error_messages_never_reach_a_dead_letter() -> None:

@@ -210,8 +210,8 @@ async def test_a_step_past_its_timeout_on_its_last_attempt_is_dead_lettered(
     assert letter.value == b"payload"
     assert letter.key == b"run-1"
     assert {h.key: h.value for h in letter.headers}["api-key"] == b"[redacted]"
-    assert work.ack_key is None
-    assert store.entries == {}, "a dead letter is not remembered, so a replay runs again"
+    assert work.ack_key == executor.dedupe_key, "a dead-lettered outcome is remembered"
+    assert store.entries[executor.dedupe_key][1] is True, "so a redelivery runs nothing"
 
 
 async def test_a_transient_error_from_the_step_is_retried(store: MemoryEmissionStore) -> None:
@@ -239,8 +239,8 @@ async def test_an_unexpected_exception_is_an_internal_error_dead_letter(
     assert letter.reason.startswith("internal error KeyError: 'missing'")
     assert "report it and replay the dead letter" in letter.reason
     assert executor.retries == [], "a bug is not retried"
-    assert work.ack_key is None
-    assert store.entries == {}
+    assert work.ack_key == executor.dedupe_key, "a dead-lettered outcome is remembered"
+    assert store.entries[executor.dedupe_key][1] is True, "so a redelivery runs nothing"
     assert "KeyError" in caplog.text, "an unexpected failure is logged with its traceback"
 
 

@@ -106,7 +106,11 @@ class StepExecutor:
     async def execute(self, job: Job) -> Sequence[Emit]:
         message = job.message
         assert isinstance(message, StepMessage)
-        run = await self.engine.run_step(message)
+        # a replay of a dead letter starts a fresh journal: the journaled failure is what
+        # the replay is meant to get past
+        journal = message.idempotency_key + (f":replay:{job.replay_of}" if job.replay_of
+                                             else "")
+        run = await self.engine.run_step(message, journal_key=journal)
         out = [self._route(emitted) for emitted in run.emitted]
         if run.recording is not None:
             out.append(Emit(self.names.recordings, root_run_id(message), run.recording))

@@ -12,9 +12,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agents.engine import Engine
-from streams.batching import redis_unavailable
+from streams.batching import PipelinedRedis, redis_unavailable
 from streams.consumer import StepConsumer
 from streams.joins import RedisJoinStore
+from streams.journal import RedisJournal
 from streams.runtime import Runtime
 
 from .errors import StackError
@@ -102,8 +103,11 @@ class Worker:
         try:
             self.engine.joins = RedisJoinStore(redis, self.settings.topic_prefix,
                                                self.settings.idempotency_ttl_s)
+            shared = PipelinedRedis(redis)  # concurrent records share round trips
+            self.engine.journal = RedisJournal(shared, self.settings.topic_prefix,
+                                               self.settings.idempotency_ttl_s)
             self.runtime = Runtime(self.settings, executors_for(
-                self.engine, self.settings, self.selected, router=self.router), redis)
+                self.engine, self.settings, self.selected, router=self.router), shared)
             announce = asyncio.create_task(self._announce_ready(self.runtime))
             try:
                 await self.runtime.run(stop)

@@ -36,6 +36,7 @@ from tools.knowledge import KnowledgeBase
 from tools.registry import ToolRegistry
 
 from .joins import JoinStore, MemoryJoinStore
+from .journal import Journal
 from .models import ModelClient
 from .recording import InteractionLog, Replay, output_bytes
 from .steps import END, StepContext, StepOutcome, StepSpec
@@ -136,6 +137,7 @@ class Engine:
         self.models = models
         self.knowledge = knowledge
         self.joins: JoinStore = joins or MemoryJoinStore()
+        self.journal: Journal | None = None  # durable calls; the worker wires Redis
         self.max_steps_per_run = max_steps_per_run
         self.record_all = record_all
         self.tool_timeout_s = tool_timeout_s
@@ -195,9 +197,12 @@ class Engine:
         return (await self.run_step(msg)).next
 
     async def run_step(self, msg: StepMessage, *,
-                       replay: list[dict[str, Any]] | None = None) -> StepRun:
+                       replay: list[dict[str, Any]] | None = None,
+                       journal_key: str | None = None) -> StepRun:
         """Run one step. With ``replay``, model and tool calls are answered from that
-        recording (and the deadline is not checked: a replay runs after the fact)."""
+        recording (and the deadline is not checked: a replay runs after the fact).
+        Otherwise calls already journaled under ``journal_key`` (default: the message's
+        idempotency key) are answered from the journal, and new ones are journaled."""
         wf = self.workflows.get(msg.workflow, msg.workflow_version)
         step = wf.step(msg.step)
         if len(msg.path) >= self.max_steps_per_run:
@@ -211,7 +216,9 @@ class Engine:
                                  f"the workflow's timeout_s or find what slowed it")
         calls: InteractionLog | Replay = (
             InteractionLog(self.models, self.tools, self.knowledge, step=step.id,
-                           tool_timeout_s=self.tool_timeout_for(step)) if replay is None
+                           tool_timeout_s=self.tool_timeout_for(step), journal=self.journal,
+                           journal_key=journal_key or msg.idempotency_key)
+            if replay is None
             else Replay(self.tools, replay, step.id))
         outcome = await step.run(StepContext(message=msg, scope=step_scope(msg), tools=calls,
                                              models=calls, knowledge=calls))

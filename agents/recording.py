@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agentfabric.errors import PermanentError, TransientError
+from agentfabric.errors import PermanentError, ToolError, TransientError
 from schemas.models import Usage, canonical_json
 from tools.knowledge import KnowledgeBase
 from tools.registry import Tool, ToolCall, ToolRegistry
 from tools.vectors import Condition, Hit
 
+from .journal import Journal, request_digest
 from .models import ChatResult, ModelClient, RequestedToolCall
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "output_bytes",
 ]
 
+
+log = logging.getLogger(__name__)
 
 class ReplayDivergence(PermanentError):
     """The replayed run asked for a call the recording does not hold."""
@@ -91,16 +95,52 @@ class InteractionLog:
     entries: list[dict[str, Any]] = field(default_factory=list)
     tool_timeout_s: float = 30.0
     step: str = ""
+    journal: Journal | None = None
+    journal_key: str = ""
+    resumed: int = 0  # calls answered from the journal
+    _journaled: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    async def _resume(self, kind: str, name: str, request: str) -> dict[str, Any] | None:
+        """The journaled answer to this call, if the step made it before it ran again."""
+        if self.journal is None:
+            return None
+        if self._journaled is None:
+            self._journaled = await self.journal.load(self.journal_key)
+        position = len(self.entries)
+        if position >= len(self._journaled):
+            return None
+        entry = self._journaled[position]
+        if (entry.get("kind"), entry.get("name"), entry.get("request")) == (kind, name,
+                                                                             request):
+            self.entries.append(entry)
+            self.resumed += 1
+            return entry
+        log.warning("step '%s' asked for other calls than its journal holds from call %d on "
+                    "(%s %s); running them live", self.step, position + 1, kind, name)
+        del self._journaled[position:]
+        await self.journal.truncate(self.journal_key, position)
+        return None
+
+    async def _done(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+        if self.journal is not None:
+            if self._journaled is not None:
+                self._journaled.append(entry)
+            await self.journal.append(self.journal_key, entry)
 
     async def search(self, collection: str, tenant: str, query: str, *, k: int = 5,
                      alpha: float = 1.0, filters: Sequence[Condition] = ()) -> list[Hit]:
+        request = request_digest(collection, tenant, query, k, alpha,
+                                 [repr(f) for f in filters])
+        if (entry := await self._resume("lookup", collection, request)) is not None:
+            return [Hit.model_validate(h) for h in entry["hits"]]
         if self.knowledge is None:
             raise PermanentError("this step looks things up, but no knowledge base is "
                                  "configured")
         hits = await self.knowledge.search(collection, tenant, query, k=k, alpha=alpha,
                                            filters=filters)
-        self.entries.append({"kind": "lookup", "name": collection, "query": query,
-                             "hits": [h.model_dump() for h in hits]})
+        await self._done({"kind": "lookup", "name": collection, "query": query,
+                          "request": request, "hits": [h.model_dump() for h in hits]})
         return hits
 
     def get(self, name: str) -> Tool:
@@ -113,14 +153,21 @@ class InteractionLog:
                    tools: list[dict[str, Any]] | None = None,
                    response_format: dict[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> ChatResult:
+        request = request_digest(model, messages, tools, response_format)
+        if (entry := await self._resume("model", model, request)) is not None:
+            return _chat_result(entry)
         if self.models is None:
             raise PermanentError("this step calls a model, but no model client is configured")
         result = await self.models.chat(model, messages, tools=tools,
                                         response_format=response_format, headers=headers)
-        self.entries.append(_chat_record(model, result))
+        await self._done({**_chat_record(model, result), "request": request})
         return result
 
     async def call(self, name: str, arguments: Mapping[str, Any], call: ToolCall) -> Any:
+        args = json.loads(canonical_json(dict(arguments)))
+        request = request_digest(name, args, call.idempotency_key)
+        if (entry := await self._resume("tool", name, request)) is not None:
+            return _tool_answer(entry)
         try:
             async with asyncio.timeout(self.tool_timeout_s) as limit:
                 result = await self.tools.call(name, arguments, call)
@@ -132,10 +179,19 @@ class InteractionLog:
                 f"tool '{name}'{by} did not answer within {self.tool_timeout_s:g} s, so the "
                 f"step will be retried; raise the step's tool_timeout_s if the tool is "
                 f"slow, or check the tool") from exc
-        self.entries.append({"kind": "tool", "name": name,
-                             "arguments": json.loads(canonical_json(dict(arguments))),
-                             "result": result})
+        except ToolError as exc:  # a refusal is an answer too: journaled and recorded
+            await self._done({"kind": "tool", "name": name, "arguments": args,
+                              "request": request, "error": exc.reason})
+            raise
+        await self._done({"kind": "tool", "name": name, "arguments": args,
+                          "request": request, "result": result})
         return result
+
+
+def _tool_answer(entry: dict[str, Any]) -> Any:
+    if "error" in entry:
+        raise ToolError(entry["error"])
+    return entry["result"]
 
 
 @dataclass
@@ -184,7 +240,7 @@ class Replay:
         if canonical_json(dict(arguments)) != canonical_json(entry["arguments"]):
             raise ReplayDivergence(f"step '{self.step}' called tool {name} with other arguments "
                                    f"than recorded")
-        return entry["result"]
+        return _tool_answer(entry)
 
     def finished(self) -> None:
         if self.position != len(self.entries):

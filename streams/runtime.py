@@ -28,11 +28,12 @@ StagesFactory = Callable[[Producer, EmissionStore], list[Stage]]
 class Runtime:
     """Consumers for ``executors``; ``ready`` is set once every one has its partitions."""
 
-    def __init__(self, settings: Settings, executors: Sequence[Executor], redis: Redis, *,
+    def __init__(self, settings: Settings, executors: Sequence[Executor],
+                 redis: Redis | PipelinedRedis, *,
                  stages: StagesFactory | None = None) -> None:
         self.settings = settings
         self.executors = list(executors)
-        self.redis = PipelinedRedis(redis)
+        self.redis = redis if isinstance(redis, PipelinedRedis) else PipelinedRedis(redis)
         self.stages = stages or (lambda producer, store: default_stages(
             producer, store, settings.lease_ttl_s))
         self.consumers: list[StepConsumer] = []

@@ -20,6 +20,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from agentfabric.errors import PermanentError, ToolError, WorkflowError
 from agents.expr import Expression
+from agents.journal import request_digest
 from agents.models import ChatResult, tool_result_text
 from agents.template import Template
 from schemas.models import Usage
@@ -130,17 +131,18 @@ class LlmStep(StepSpec):
         headers = {f"{HEADER_PREFIX}workflow": msg.workflow, f"{HEADER_PREFIX}step": self.id,
                    f"{HEADER_PREFIX}run": msg.run_id}
         usage = Usage()
+        seen: dict[str, int] = {}  # how often each (tool, arguments) was called
         output_failures = 0
-        for iteration in range(self.max_iterations):
+        for _ in range(self.max_iterations):
             result = await ctx.models.chat(self.model, messages, tools=tools or None,
                                            response_format=response_format, headers=headers)
             usage += result.usage
             messages.append(result.message)
             if result.tool_calls:
                 usage += Usage(tool_calls=len(result.tool_calls))
-                for index, call in enumerate(result.tool_calls):
+                for call in result.tool_calls:
                     messages.append({"role": "tool", "tool_call_id": call.id, "content":
-                                     await self._call_tool(ctx, call, f"{iteration}.{index}")})
+                                     await self._call_tool(ctx, call, seen)})
                 continue
             problem, output = self._parse(result)
             if problem is None:
@@ -160,7 +162,7 @@ class LlmStep(StepSpec):
                 f"{self.max_iterations} iterations (max_iterations); a person should finish "
                 f"step '{self.id}'"))
 
-    async def _call_tool(self, ctx: StepContext, call: Any, position: str) -> str:
+    async def _call_tool(self, ctx: StepContext, call: Any, seen: dict[str, int]) -> str:
         if call.name not in self.tools:
             return f"error: no tool named '{call.name}'; you may call: {', '.join(self.tools)}"
         try:
@@ -170,9 +172,13 @@ class LlmStep(StepSpec):
         if not isinstance(arguments, dict):
             return "error: the arguments must be a JSON object"
         msg = ctx.message
-        # stable across attempts (the model's call ids are not): step visit + position
+        # stable across re-runs of the same call (the model's call ids and the call's
+        # position in its turn are not): step visit + tool + arguments + repeat count
+        what = request_digest(call.name, arguments)[:16]
+        seen[what] = seen.get(what, 0) + 1
         identity = ToolCall(tool=call.name, tenant=msg.tenant, run_id=msg.run_id,
-                            idempotency_key=f"{msg.idempotency_key}:tool:{position}")
+                            idempotency_key=f"{msg.idempotency_key}:tool:{call.name}:{what}:"
+                                            f"{seen[what]}")
         try:
             return tool_result_text(await ctx.tools.call(call.name, arguments, identity))
         except ToolError as exc:  # fed back: the model can correct its call

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
         default=8.0, gt=0, le=300,
         description="How long a revoked partition's records in flight are awaited before they "
                     "are abandoned (uncommitted, so the next owner runs them).")
+    claim_check_bytes: int = Field(
+        default=512 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="Messages larger than this are stored in Redis and travel as a claim "
+                    "check (a reference header), so none exceeds the broker's limit; keep it "
+                    "below the topics' max.message.bytes.")
     lease_ttl_s: float = Field(
         default=30.0, ge=1, le=3_600,
         description="Lease on a running step (renewed every third of it): while it holds, no "

@@ -21,6 +21,8 @@ from agentfabric.settings import Settings
 from schemas.models import AvroModel
 from schemas.serde import encode
 
+from . import tolerant
+
 __all__ = ["PERMANENT_SEND_ERRORS", "Outgoing", "Producer", "make_consumer"]
 
 
@@ -104,7 +106,9 @@ def _translate(exc: KafkaError) -> PermanentError | UnavailableError:
 
 def make_consumer(settings: Settings, group_id: str | None, *topics: str,
                   client_id: str = "agentfabric") -> AIOKafkaConsumer:
-    """A consumer that commits only explicitly and starts a new group at the earliest offset."""
+    """A consumer that commits only explicitly and starts a new group at the earliest offset
+    (and reads past records whose header keys are not UTF-8: see ``streams.tolerant``)."""
+    tolerant.install()
     return AIOKafkaConsumer(
         *topics, bootstrap_servers=settings.bootstrap_servers, group_id=group_id,
         client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",

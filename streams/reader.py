@@ -5,28 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
 
-from agentfabric.errors import ConfigError, UnavailableError
+from agentfabric.errors import ConfigError, DecodeError, UnavailableError
 from agentfabric.settings import Settings
 from schemas.models import AvroModel
-from schemas.serde import decode
+from schemas.serde import decode, header_value
 
 from .kafka import make_consumer
 
 __all__ = ["read_topic", "read_until"]
 
 M = TypeVar("M", bound=AvroModel)
+log = logging.getLogger(__name__)
 
 
 async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
                      stop: asyncio.Event | None = None) -> AsyncIterator[ConsumerRecord]:
     """Yield every record of ``topic`` from the start; without ``follow``, stop at the end."""
     consumer = make_consumer(settings, None)
+    claims = _LazyClaims(settings)
     try:
         await consumer.start()
         partitions = consumer.partitions_for_topic(topic)
@@ -46,7 +50,7 @@ async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
             batch = await consumer.getmany(timeout_ms=200)
             for tp, records in batch.items():
                 for record in records:
-                    yield record
+                    yield await claims.resolve(record)
                     if not follow and record.offset + 1 >= end[tp]:
                         remaining.discard(tp)
     except KafkaError as exc:
@@ -54,6 +58,40 @@ async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
                              f"({type(exc).__name__}); is the broker up?") from exc
     finally:
         await consumer.stop()
+        await claims.close()
+
+
+class _LazyClaims:
+    """Puts back values that travelled as claim checks; connects to Redis only if one does."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis: Redis | None = None
+        self.store: Any = None
+
+    async def resolve(self, record: ConsumerRecord) -> ConsumerRecord:
+        if header_value(record.headers, "af-claim-check") is None:
+            return record
+        if self.store is None:
+            # imported here: streams.claims needs streams.batching, which needs streams.dlq,
+            # which reads topics with this module
+            from .batching import PipelinedRedis
+            from .claims import ClaimStore
+
+            self.redis = Redis.from_url(self.settings.redis_url)
+            self.store = ClaimStore(PipelinedRedis(self.redis), self.settings.topic_prefix,
+                                    self.settings.idempotency_ttl_s,
+                                    self.settings.claim_check_bytes)
+        try:
+            return await self.store.resolve(record)
+        except DecodeError as exc:
+            log.warning("%s[%d]@%d: %s", record.topic, record.partition, record.offset,
+                        exc.reason)
+            return record
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 async def read_until(settings: Settings, topic: str, model: type[M],

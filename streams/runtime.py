@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from agentfabric.settings import Settings
 
 from .batching import PipelinedRedis
+from .claims import ClaimStore
 from .consumer import StepConsumer
 from .executor import Executor
 from .idempotency import EmissionStore, RedisEmissionStore
@@ -34,8 +35,10 @@ class Runtime:
         self.settings = settings
         self.executors = list(executors)
         self.redis = redis if isinstance(redis, PipelinedRedis) else PipelinedRedis(redis)
+        claims = ClaimStore(self.redis, settings.topic_prefix, settings.idempotency_ttl_s,
+                            settings.claim_check_bytes)
         self.stages = stages or (lambda producer, store: default_stages(
-            producer, store, settings.lease_ttl_s))
+            producer, store, claims, settings.lease_ttl_s))
         self.consumers: list[StepConsumer] = []
         self.ready = asyncio.Event()
 

@@ -23,13 +23,21 @@ from dataclasses import dataclass, field
 
 from aiokafka import ConsumerRecord
 
-from agentfabric.errors import AgentFabricError, PermanentError, TransientError, UnavailableError
+from agentfabric.errors import (
+    AgentFabricError,
+    DecodeError,
+    PermanentError,
+    TransientError,
+    UnavailableError,
+)
 
+from .claims import ClaimStore
 from .dlq import dead_letter
 from .executor import Emit, Executor, Job
 from .idempotency import EmissionStore
 from .kafka import Outgoing, Producer
 from .leases import LeaseKeeper
+from .tolerant import invalid_header_keys
 
 __all__ = ["Next", "Pass", "Pipeline", "Stage", "default_stages"]
 
@@ -94,9 +102,11 @@ def _link(stage: Stage, after: Next) -> Next:
 class Acknowledge:
     """Send the outputs (every acknowledgement awaited), then mark them acknowledged."""
 
-    def __init__(self, producer: Producer, store: EmissionStore) -> None:
+    def __init__(self, producer: Producer, store: EmissionStore,
+                 claims: ClaimStore | None = None) -> None:
         self.producer = producer
         self.store = store
+        self.claims = claims
 
     async def __call__(self, work: Pass, after: Next) -> None:
         await after(work)
@@ -115,7 +125,8 @@ class Acknowledge:
             # an excerpt so the record is still accounted for, with its own reason
             log.error("%s: the dead letter of %s was refused (%s); sending it with the value "
                       "cut short", work.executor.name, where, refused.reason)
-            await self.producer.send_all([_excerpt_dead_letter(work, work.error)])
+            full = await self.claims.put(work.record.value or b"") if self.claims else None
+            await self.producer.send_all([_excerpt_dead_letter(work, work.error, full)])
             return
         log.error("%s: %s; dead-lettering %s", work.executor.name, refused.reason, where)
         if work.ack_key is not None:
@@ -128,20 +139,26 @@ class Acknowledge:
             await self._refused(work, again)
 
 
-def _excerpt_dead_letter(work: Pass, error: Exception, keep: int = 64 * 1024) -> Outgoing:
+def _excerpt_dead_letter(work: Pass, error: Exception, claim: str | None = None,
+                         keep: int = 64 * 1024) -> Outgoing:
     record = work.record
     size = len(record.value or b"")
     short = dataclasses.replace(record, value=(record.value or b"")[:keep])
+    where = (f"; the full value is in Redis as claim check {claim}" if claim else "")
     return dead_letter(short, error, group=work.executor.group,
                        dlq_topic=work.executor.dlq_topic,
                        message=work.job.subject if work.job else None,
                        note=f"the original value of {size} bytes was too large for the "
-                            f"dead-letter topic; only its first {keep} bytes are kept")
+                            f"dead-letter topic; only its first {keep} bytes are kept{where}")
 
 
 async def decode(work: Pass, after: Next) -> None:
     """Read the record into a job; a record that cannot be read is a dead letter."""
     try:
+        bad_keys = invalid_header_keys(work.record.headers)
+        if bad_keys:
+            raise DecodeError(f"header key {bad_keys[0]} is not UTF-8, so no Kafka client can "
+                              f"read it as a string; fix the producer that wrote it")
         work.job = work.executor.decode(work.record)
     except PermanentError as exc:
         work.outputs = work.dead(exc)
@@ -248,6 +265,32 @@ async def route(work: Pass, after: Next) -> None:
     await after(work)
 
 
-def default_stages(producer: Producer, store: EmissionStore,
+class ClaimChecks:
+    """Before decoding: put back a value that travelled as a claim check. Around execution:
+    replace outputs too large to send by claim checks (before they are stored)."""
+
+    def __init__(self, claims: ClaimStore) -> None:
+        self.claims = claims
+
+    async def incoming(self, work: Pass, after: Next) -> None:
+        try:
+            work.record = await self.claims.resolve(work.record)
+        except DecodeError as exc:
+            work.outputs = work.dead(exc)
+            return
+        await after(work)
+
+    async def outgoing(self, work: Pass, after: Next) -> None:
+        await after(work)
+        if work.outputs and work.error is None:
+            work.outputs = await self.claims.check(work.outputs)
+
+
+def default_stages(producer: Producer, store: EmissionStore, claims: ClaimStore | None = None,
                    lease_ttl_s: float = 30.0) -> list[Stage]:
-    return [Acknowledge(producer, store), decode, Dedupe(store, lease_ttl_s), execute, route]
+    if claims is None:
+        return [Acknowledge(producer, store), decode, Dedupe(store, lease_ttl_s), execute,
+                route]
+    checks = ClaimChecks(claims)
+    return [Acknowledge(producer, store, claims), checks.incoming, decode,
+            Dedupe(store, lease_ttl_s), checks.outgoing, execute, route]

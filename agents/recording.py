@@ -183,6 +183,8 @@ class InteractionLog:
             await self._done({"kind": "tool", "name": name, "arguments": args,
                               "request": request, "error": exc.reason})
             raise
+        # what the run keeps is plain JSON (dates, decimals, ids as text), as the model sees it
+        result = json.loads(json.dumps(result, default=str))
         await self._done({"kind": "tool", "name": name, "arguments": args,
                           "request": request, "result": result})
         return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -63,6 +62,7 @@ class StepConsumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._paused: set[TopicPartition] = set()
         self._releasing: set[TopicPartition] = set()
+        self._commit_lock = asyncio.Lock()
         self._stop: asyncio.Event = asyncio.Event()
 
     @property
@@ -83,12 +83,12 @@ class StepConsumer:
             raise UnavailableError(f"consumer {self.executor.name} cannot reach Kafka at "
                                    f"{self.settings.bootstrap_servers} ({type(exc).__name__})"
                                    ) from exc
-        interval = self.settings.commit_interval_ms / 1000
         poll_ms = min(100, self.settings.commit_interval_ms)
         # one window's worth per poll: more would only wait in the backlog and pause the
         # partition, which drops what aiokafka prefetched for it
         poll_records = min(self.settings.max_poll_records, self.executor.max_in_flight)
-        last_commit = time.monotonic()
+        committer = asyncio.create_task(self._commit_every(self.settings.commit_interval_ms
+                                                           / 1000))
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=poll_ms, max_records=poll_records)
@@ -97,15 +97,20 @@ class StepConsumer:
                         continue  # fetched before its revocation: the next owner reads it
                     self._window(tp).offer(records)
                     self._flow(tp)
-                if time.monotonic() - last_commit >= interval:
-                    await self.commit()
-                    last_commit = time.monotonic()
         finally:
+            committer.cancel()
+            await asyncio.gather(committer, return_exceptions=True)
             try:
                 await self.release(list(self.windows))
             finally:
                 await consumer.stop()
                 self._consumer = None
+
+    async def _commit_every(self, interval_s: float) -> None:
+        """Commit in the background: the poll loop never waits for a commit."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.commit()
 
     def _window(self, tp: TopicPartition) -> PartitionWindow:
         window = self.windows.get(tp)
@@ -155,6 +160,10 @@ class StepConsumer:
                 await asyncio.wait_for(self._stop.wait(), delay)
 
     async def commit(self, only: Sequence[TopicPartition] | None = None) -> None:
+        async with self._commit_lock:
+            await self._commit(only)
+
+    async def _commit(self, only: Sequence[TopicPartition] | None) -> None:
         consumer = self._consumer
         if consumer is None:
             return

@@ -3,20 +3,19 @@
 The registry (YAML, ``AGENTFABRIC_MODELS_FILE``, default ``agents/models.yaml``) names
 providers (an OpenAI-compatible base URL and the environment variable that holds its key)
 and models (provider, the provider's model id, price per million input and output tokens).
-The client is the openai async client; rate limits, server errors, timeouts and lost
-connections retry with backoff that honours ``Retry-After``, then become a TransientError.
+The client is the openai async client with its own retries (rate limits, server errors,
+timeouts and lost connections, with jittered backoff that honours ``Retry-After``); what
+still fails is classified by :func:`transient` into a TransientError (the step is retried
+on the retry tiers) or a PermanentError (dead-lettered at once).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import os
-import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,7 @@ from agentfabric.errors import ConfigError, PermanentError, TransientError
 from schemas.models import Usage
 
 __all__ = ["ChatResult", "ModelClient", "ModelRegistry", "ModelSpec", "ProviderSpec",
-           "RequestedToolCall", "load_registry"]
-
-MAX_BACKOFF_S = 20.0
-MAX_RETRY_AFTER_S = 60.0
-
+           "RequestedToolCall", "load_registry", "transient"]
 
 class ProviderSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -105,32 +100,11 @@ class ChatResult:
     message: dict[str, Any] = field(default_factory=dict)  # the assistant turn to append
 
 
-Sleep = Callable[[float], Awaitable[None]]
-
-
-def _retry_after(exc: openai.APIStatusError) -> float | None:
-    """Seconds the server asked us to wait: retry-after-ms, or retry-after in seconds or as
-    an HTTP date; capped at MAX_RETRY_AFTER_S."""
-    headers = exc.response.headers
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                continue
-            seconds = (when - datetime.now(UTC)).total_seconds()
-        return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-    return None
-
-
-def _retryable(exc: openai.OpenAIError) -> bool:
-    """Rate limits, timeouts, conflicts, server errors and lost connections are retried,
-    as is anything the server marks ``x-should-retry: true``; other errors are not."""
+def transient(exc: openai.OpenAIError) -> bool:
+    """How a model error is classified once the openai SDK's own retries are spent: rate
+    limits, timeouts, conflicts, server errors and lost connections are transient, as is
+    anything the server marks ``x-should-retry: true``; other errors (bad request, auth,
+    not found, unprocessable) are permanent. These are the SDK's own retry rules."""
     if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -145,12 +119,10 @@ class ModelClient:
     """Chat completions through the openai async client, with retries and cost accounting."""
 
     def __init__(self, registry: ModelRegistry, *, timeout_s: float = 30.0,
-                 max_retries: int = 4, sleep: Sleep = asyncio.sleep,
-                 env: Mapping[str, str] | None = None) -> None:
+                 max_retries: int = 4, env: Mapping[str, str] | None = None) -> None:
         self.registry = registry
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self._sleep = sleep
         self._env = os.environ if env is None else env
         self._clients: dict[str, openai.AsyncOpenAI] = {}
 
@@ -175,8 +147,10 @@ class ModelClient:
     def _new_client(self, provider_name: str) -> openai.AsyncOpenAI:
         provider = self.registry.providers[provider_name]
         key = self._env.get(provider.api_key_env, "") if provider.api_key_env else ""
+        # the SDK retries 408/409/429/5xx, timeouts and lost connections with jittered
+        # backoff and honours Retry-After / retry-after-ms / x-should-retry: we use it as is
         return openai.AsyncOpenAI(base_url=provider.base_url, api_key=key or "unused",
-                                  max_retries=0, timeout=self.timeout_s)
+                                  max_retries=self.max_retries, timeout=self.timeout_s)
 
     async def _loop_client(self, provider_name: str) -> openai.AsyncOpenAI:
         """The provider's client; the first one is built in a thread, since building it
@@ -207,26 +181,19 @@ class ModelClient:
             kwargs["tools"] = tools
         if response_format is not None:
             kwargs["response_format"] = response_format
+        if spec.max_retries is not None:
+            client = client.with_options(max_retries=spec.max_retries)
         retries = self.max_retries if spec.max_retries is None else spec.max_retries
-        attempt = 0
-        while True:
-            try:
-                completion = await client.chat.completions.create(**kwargs)
-                break
-            except openai.OpenAIError as exc:
-                if not _retryable(exc):
-                    raise PermanentError(f"model '{model}' rejected the request "
-                                         f"({_describe(exc)}); fix the step or the model "
-                                         f"registry, then replay") from exc
-                if attempt >= retries:
-                    raise TransientError(
-                        f"model '{model}' failed {attempt + 1} times ({_describe(exc)}); the "
-                        f"step will be retried later") from exc
-                delay = _retry_after(exc) if isinstance(exc, openai.APIStatusError) else None
-                if delay is None:
-                    delay = min(MAX_BACKOFF_S, 0.5 * 2 ** attempt) * random.uniform(0.8, 1.2)
-                attempt += 1
-                await self._sleep(delay)
+        try:
+            completion = await client.chat.completions.create(**kwargs)
+        except openai.OpenAIError as exc:
+            if not transient(exc):
+                raise PermanentError(f"model '{model}' rejected the request "
+                                     f"({_describe(exc)}); fix the step or the model "
+                                     f"registry, then replay") from exc
+            raise TransientError(
+                f"model '{model}' failed {retries + 1} times ({_describe(exc)}); the "
+                f"step will be retried later") from exc
         return _result(spec, completion)
 
 

@@ -15,8 +15,7 @@ crashes.
 
 from __future__ import annotations
 
-import base64
-import json
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -32,22 +31,56 @@ __all__ = ["Claim", "EmissionStore", "MemoryEmissionStore", "Recall", "RedisEmis
 
 Recall = tuple[list[Outgoing] | None, bool]
 _PENDING, _ACKED = b"P", b"A"
+_U32 = struct.Struct(">I")
 
 
-def _dump(messages: list[Outgoing]) -> str:
-    b64 = base64.b64encode
-    return json.dumps([{
-        "topic": m.topic, "key": b64(m.key).decode() if m.key is not None else None,
-        "value": b64(m.value).decode(),
-        "headers": [[k, b64(v).decode()] for k, v in m.headers]} for m in messages])
+_NONE = 0xFFFFFFFF  # the length that marks a missing key (or header value)
 
 
-def _load(text: str | bytes) -> list[Outgoing]:
-    b64 = base64.b64decode
-    return [Outgoing(topic=m["topic"], key=b64(m["key"]) if m["key"] is not None else None,
-                     value=b64(m["value"]),
-                     headers=tuple((k, b64(v)) for k, v in m["headers"]))
-            for m in json.loads(text)]
+def _dump(messages: list[Outgoing]) -> bytes:
+    """Messages as length-prefixed bytes (no JSON, no base64: this is on the hot path)."""
+    parts: list[bytes] = [_U32.pack(len(messages))]
+    for m in messages:
+        topic = m.topic.encode()
+        parts += [_U32.pack(len(topic)), topic]
+        parts += [_U32.pack(_NONE)] if m.key is None else [_U32.pack(len(m.key)), m.key]
+        parts += [_U32.pack(len(m.value)), m.value, _U32.pack(len(m.headers))]
+        for k, v in m.headers:
+            name = k.encode()
+            parts += [_U32.pack(len(name)), name]
+            parts += [_U32.pack(_NONE)] if v is None else [_U32.pack(len(v)), v]
+    return b"".join(parts)
+
+
+def _load(data: bytes) -> list[Outgoing]:
+    view, at = memoryview(data), 0
+
+    def take() -> bytes | None:
+        nonlocal at
+        (size,) = _U32.unpack_from(view, at)
+        at += 4
+        if size == _NONE:
+            return None
+        chunk = bytes(view[at:at + size])
+        at += size
+        return chunk
+
+    def count() -> int:
+        nonlocal at
+        (n,) = _U32.unpack_from(view, at)
+        at += 4
+        return int(n)
+
+    out = []
+    for _ in range(count()):
+        topic, key, value = take(), take(), take()
+        headers = []
+        for _ in range(count()):
+            name = take()
+            headers.append(((name or b"").decode(), take()))
+        out.append(Outgoing(topic=(topic or b"").decode(), key=key, value=value or b"",
+                            headers=tuple(headers)))  # type: ignore[arg-type]
+    return out
 
 
 @dataclass(frozen=True)
@@ -178,7 +211,7 @@ class RedisEmissionStore:
                       done_key: str | None) -> Claim | None:
         [winner] = await self._script(
             _PUBLISH, [([self._prefix + key, self._done + done_key if done_key else "",
-                         self._lease + key], [_PENDING + _dump(messages).encode(),
+                         self._lease + key], [_PENDING + _dump(messages),
                                               self._ttl_s, token])])
         return _claim_of(winner) if winner else None
 
@@ -198,7 +231,7 @@ class RedisEmissionStore:
         return found.outputs, found.state == "acked"
 
     async def remember(self, key: str, messages: list[Outgoing]) -> None:
-        value = _PENDING + _dump(messages).encode()
+        value = _PENDING + _dump(messages)
         await self._redis.execute(
             lambda pipe: pipe.set(self._prefix + key, value, ex=self._ttl_s))
 
@@ -214,7 +247,7 @@ class MemoryEmissionStore:
     """The same contract in memory, for unit tests (leases by wall-clock expiry)."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[str, bool]] = {}
+        self.entries: dict[str, tuple[bytes, bool]] = {}
         self.done: set[str] = set()
         self.leases: dict[str, tuple[str, float]] = {}
 
@@ -262,7 +295,7 @@ class MemoryEmissionStore:
         self.entries[key] = (_dump(messages), False)
 
     async def acknowledge(self, key: str) -> None:
-        self.entries[key] = ("", True)
+        self.entries[key] = (b"", True)
 
     async def forget(self, key: str) -> None:
         self.entries.pop(key, None)

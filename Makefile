@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck unit integration bench up down clean
+.PHONY: setup demo test lint typecheck unit integration faults bench up down clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,12 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest tests/integration
 
-bench: setup
-	$(BIN)/python bench/hop_latency.py
+faults: setup  # the fault suite (kill -9, Redis and service outages, fuzz); prints figures
+	AF_FAULTS=1 $(BIN)/python -m pytest tests/faults -s -v
+
+bench: setup  # BENCH_ARGS=--quick for a ~1 min smoke run; see python -m bench.suite --help
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.suite $(BENCH_ARGS)
 
 up: setup
 	$(BIN)/agentfabric up

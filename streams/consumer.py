@@ -116,7 +116,8 @@ class StepConsumer:
         window = self.windows.get(tp)
         if window is None:
             window = PartitionWindow(self.executor.max_in_flight, self._work,
-                                     on_change=lambda: self._flow(tp))
+                                     on_change=lambda: self._flow(tp),
+                                     backlog=self.executor.max_in_flight)
             self.windows[tp] = window
         return window
 

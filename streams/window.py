@@ -2,8 +2,10 @@
 
 Up to ``limit`` records of a partition are in progress at once. Records with the same key
 (a run id) run one after another in offset order; records with different keys overlap.
-Fetched records beyond the limit wait in a backlog of at most one fetch; while the window
-is ``full`` the consumer pauses the partition, so nothing is buffered without bound. Offsets
+Fetched records beyond the limit wait in a bounded backlog (``backlog`` records, plus at
+most one poll) ready to start the moment a slot frees; once the backlog is that long the
+window is ``full`` and the consumer pauses the partition, so nothing is buffered without
+bound and a steady stream does not pause and refetch on every record. Offsets
 finish in any order and ``offsets.to_commit()`` is the end of the contiguous finished prefix
 (the design of Confluent Parallel Consumer's key-ordered mode).
 
@@ -32,10 +34,11 @@ Work = Callable[[ConsumerRecord, "PartitionWindow"], Awaitable[bool]]
 
 class PartitionWindow:
     def __init__(self, limit: int, work: Work,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, backlog: int = 0) -> None:
         if limit < 1:
             raise ValueError("a window needs room for at least one record")
         self.limit = limit
+        self.backlog_limit = backlog
         self.offsets = PartitionOffsets()
         self.closed = False
         self._work = work
@@ -56,7 +59,7 @@ class PartitionWindow:
     @property
     def full(self) -> bool:
         """True while the partition should not be fetched (pause it)."""
-        return bool(self._backlog) or len(self._tasks) >= self.limit
+        return len(self._tasks) >= self.limit and len(self._backlog) >= self.backlog_limit
 
     def offer(self, records: Iterable[ConsumerRecord]) -> None:
         """Take fetched records (in offset order) and start as many as the window allows."""

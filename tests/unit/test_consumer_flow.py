@@ -159,20 +159,22 @@ async def flow() -> AsyncIterator[Callable[..., Flow]]:
 
 async def test_a_full_window_pauses_its_partition_until_it_drains(
         flow: Callable[..., Flow]) -> None:
-    f = flow(2)
+    f = flow(2)  # two in flight and a backlog of two ready to start
     f.fetched(TP, [b"a", b"b", b"c", b"d"])
     await f.gate.until(lambda: f.gate.running == {(0, 0), (0, 1)}, "two running")
-    assert f.kafka.flow(TP) == ["pause"]
+    assert f.window_of(TP).waiting == 2
+    assert f.kafka.flow(TP) == ["pause"], "window and backlog full: fetch no more"
 
     f.gate.finish(0, 0)
     await f.gate.until(lambda: (0, 2) in f.gate.running, "offset 2 from the backlog")
+    await f.gate.until(lambda: f.kafka.flow(TP) == ["pause", "resume"],
+                       "resumed once the backlog has room")
     f.gate.finish(0, 1)
     await f.gate.until(lambda: (0, 3) in f.gate.running, "offset 3 from the backlog")
-    assert f.kafka.flow(TP) == ["pause"], "resumed while the window was still full"
+    assert f.kafka.flow(TP) == ["pause", "resume"], "paused again with room in the backlog"
 
     f.gate.finish(0, 2)
-    await f.gate.until(lambda: f.kafka.flow(TP) == ["pause", "resume"], "resumed")
-    assert f.window_of(TP).in_flight == 1
+    await f.gate.until(lambda: f.window_of(TP).in_flight == 1, "offset 2 finished")
 
     await f.consumer.commit()
     assert f.kafka.commits() == [{TP: 3}]

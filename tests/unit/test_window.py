@@ -42,8 +42,9 @@ class Harness:
         self.window: PartitionWindow | None = None
         self._signal = asyncio.Event()
 
-    def make(self, limit: int) -> PartitionWindow:
-        self.window = PartitionWindow(limit, self.work, on_change=self.on_change)
+    def make(self, limit: int, backlog: int = 0) -> PartitionWindow:
+        self.window = PartitionWindow(limit, self.work, on_change=self.on_change,
+                                      backlog=backlog)
         return self.window
 
     def _future(self, offset: int) -> asyncio.Future[bool]:
@@ -229,6 +230,24 @@ async def test_the_limit_holds_a_backlog_and_drains_it(harness: Harness) -> None
     await harness.until(lambda: window.in_flight == 0, "all finished")
     assert window.offsets.to_commit() == 7
     assert harness.peak == 3
+
+
+async def test_a_backlog_bound_keeps_fetching_until_it_is_reached(harness: Harness) -> None:
+    window = harness.make(limit=2, backlog=2)
+    window.offer(records([b"a", b"b", b"c"]))
+    await harness.until(lambda: len(harness.running) == 2, "two running")
+    assert (window.in_flight, window.waiting, window.full) == (2, 1, False)
+    window.offer(records([b"d"], first=3))
+    assert (window.waiting, window.full) == (2, True), "backlog at its bound: pause"
+    harness.finish(0)
+    await harness.until(lambda: harness.running == {1, 2}, "offset 2 from the backlog")
+    assert (window.waiting, window.full) == (1, False), "room in the backlog: resume"
+    for offset in (1, 2, 3):
+        await harness.until(harness.runs(offset), f"offset {offset} running")
+        harness.finish(offset)
+    await harness.until(lambda: window.in_flight == 0, "all finished")
+    assert window.offsets.to_commit() == 4
+    assert harness.peak == 2
 
 
 async def test_a_full_backlog_of_one_key_keeps_the_window_full(harness: Harness) -> None:

@@ -15,6 +15,7 @@ import typer
 from .cli_agents import register as register_agent_commands
 from .cli_common import err, out, run
 from .cli_common import settings as settings_
+from .cli_dlq import dlq_app
 from .errors import AgentFabricError, ConfigError
 from .settings import Settings
 
@@ -30,7 +31,6 @@ app = typer.Typer(
          "Quick start: `agentfabric demo`. Settings come from AGENTFABRIC_* environment "
          "variables (see `agentfabric settings`).")
 topics_app = typer.Typer(no_args_is_help=True, help="Create and list the fabric's topics.")
-dlq_app = typer.Typer(no_args_is_help=True, help="Inspect the dead-letter topic.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 
@@ -153,50 +153,6 @@ def results(
         return
     if not (follow or as_json):
         out.print(results_table(workflow, rows))
-
-
-@dlq_app.command("list")
-def dlq_list(as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
-             ) -> None:
-    """List dead letters: id, when, error, where from, reason."""
-    from streams.dlq import read_dead_letters
-    from streams.topics import TopicNames
-
-    from .tables import dead_letters_table
-
-    s = settings_()
-
-    async def collect() -> list[Any]:
-        return [d async for d in read_dead_letters(s, TopicNames(s.topic_prefix).dlq)]
-
-    letters = run(collect())
-    if as_json:
-        for letter in letters:
-            print(letter.model_dump_json(exclude={"value", "headers"}))
-    else:
-        out.print(dead_letters_table(letters))
-
-
-@dlq_app.command("show")
-def dlq_show(dead_letter_id: Annotated[str, typer.Argument(help="Id or unique id prefix.")],
-             ) -> None:
-    """Show one dead letter in full, with its original message."""
-    from streams.dlq import read_dead_letters
-    from streams.topics import TopicNames
-
-    from .tables import describe_dead_letter
-
-    s = settings_()
-
-    async def find() -> list[Any]:
-        return [d async for d in read_dead_letters(s, TopicNames(s.topic_prefix).dlq)
-                if d.dead_letter_id.startswith(dead_letter_id)]
-
-    matches = run(find())
-    if len(matches) != 1:
-        raise ConfigError(f"{'no' if not matches else len(matches)} dead letters match "
-                          f"'{dead_letter_id}'; run `agentfabric dlq list` for the ids")
-    out.print(describe_dead_letter(matches[0]))
 
 
 @app.command()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
+from datetime import datetime
 from typing import Any
 
 from rich.console import Group
@@ -16,6 +17,7 @@ from agents.evals import EvalReport
 from agents.workflow import WorkflowSet
 from schemas.models import AvroModel, DeadLetter, RunResult, StepMessage, TriggerEvent
 from schemas.serde import SCHEMA_HEADER, decode, header_value
+from streams.dlq import replay_of
 from streams.topics import TopicNames
 
 __all__ = ["dead_letters_table", "describe_dead_letter", "eval_table", "results_table",
@@ -77,16 +79,35 @@ def eval_table(report: EvalReport) -> Table:
     return table
 
 
-def dead_letters_table(letters: Sequence[DeadLetter]) -> Table:
-    table = Table(title=f"Dead letters: {len(letters)}")
-    for column in ("id", "failed at", "error", "from", "run", "reason"):
+def dead_letters_table(letters: Sequence[DeadLetter], purged: Set[str] = frozenset(),
+                       replayed: Mapping[str, datetime] | None = None,
+                       replayed_as: Mapping[str, str] | None = None) -> Table:
+    """One row per dead letter, marked if purged, replayed (``replayed``: id -> when), or
+    replayed and failed again (``replayed_as``: id -> the id of that later dead letter)."""
+    replayed, replayed_as = replayed or {}, replayed_as or {}
+    shown = f"Dead letters: {len(letters)}"
+    marked = sum(d.dead_letter_id in purged for d in letters)
+    table = Table(title=f"{shown} ({marked} purged)" if marked else shown)
+    for column in ("id", "failed at", "error", "kind", "from", "run", "tries", "reason"):
         table.add_column(column, overflow="fold")
     for d in letters:
         where = f"{d.topic}[{d.partition}]@{d.offset}"
         run = f"{d.workflow}.{d.step}" if d.workflow else "-"
-        table.add_row(d.dead_letter_id[:8], d.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
-                      d.error_type, where, run, d.reason)
+        table.add_row(_marked_id(d.dead_letter_id, purged, replayed, replayed_as),
+                      d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), d.error_type,
+                      "transient" if d.transient else "permanent", where, run,
+                      str(d.attempts), d.reason)
     return table
+
+
+def _marked_id(ident: str, purged: Set[str], replayed: Mapping[str, datetime],
+               replayed_as: Mapping[str, str]) -> str:
+    marks = ["purged"] if ident in purged else []
+    if ident in replayed_as:
+        marks.append(f"replayed, failed again: {replayed_as[ident][:8]}")
+    elif ident in replayed:
+        marks.append("replayed")
+    return f"{ident[:8]} ({'; '.join(marks)})" if marks else ident[:8]
 
 
 def _original(d: DeadLetter) -> str:
@@ -106,18 +127,35 @@ def _original(d: DeadLetter) -> str:
         return f"({len(d.value)} bytes, not UTF-8) {d.value[:64].hex()}"
 
 
-def describe_dead_letter(d: DeadLetter) -> Group:
+def _when(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else "-"
+
+
+def describe_dead_letter(d: DeadLetter, *, purged: bool = False,
+                         replayed: datetime | None = None,
+                         replayed_as: str | None = None) -> Group:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    rows = [("id", d.dead_letter_id), ("reason", d.reason), ("error", d.error_type),
+    kind = ("transient: its attempts ran out" if d.transient
+            else "permanent: retrying could not help")
+    rows = [("id", d.dead_letter_id + ("  (purged)" if purged else "")),
+            ("reason", d.reason), ("error", f"{d.error_type} ({kind})"),
             ("from", f"{d.topic} partition {d.partition} offset {d.offset}"),
-            ("group", d.consumer_group), ("failed at", d.failed_at.isoformat()),
+            ("record time", _when(d.record_timestamp)),
+            ("group", d.consumer_group), ("attempts", str(d.attempts)),
+            ("first failed", _when(d.first_failed_at)), ("failed at", _when(d.failed_at)),
             ("run", d.run_id or "-"), ("workflow", d.workflow or "-"), ("step", d.step or "-"),
-            ("tenant", d.tenant or "-"), ("attempts", str(d.attempts)),
+            ("tenant", d.tenant or "-"), ("trace", d.trace_parent or "-"),
             ("key", d.key.decode("utf-8", "replace") if d.key else "-"),
             ("headers", ", ".join(f"{h.key}={(h.value or b'').decode('utf-8', 'replace')}"
                                   for h in d.headers) or "-")]
+    if (origin := replay_of(d)) is not None:
+        rows.append(("replay of", origin))
+    if replayed is not None:
+        rows.append(("replayed", _when(replayed)))
+    if replayed_as is not None:
+        rows.append(("replay failed", f"again, as {replayed_as}; replay that one"))
     for label, value in rows:
         table.add_row(label, value)
     return Group(table, Text("\noriginal message:", style="bold"), Text(_original(d)))

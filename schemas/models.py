@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agentfabric.errors import MessageValidationError
+
 __all__ = [
     "AvroModel",
     "DeadLetter",
@@ -42,12 +44,22 @@ def utc_now() -> datetime:
 
 def canonical_json(value: Any) -> str:
     """Compact JSON with sorted keys: the same value always gives the same text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _dumps(value, sort_keys=True)
 
 
 def _json_text(value: Any) -> str:
     """Compact JSON keeping key order (workflows declare their output's order)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _dumps(value, sort_keys=False)
+
+
+def _dumps(value: Any, *, sort_keys: bool) -> str:
+    try:
+        return json.dumps(value, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError as exc:  # a payload or output hundreds of levels deep
+        raise MessageValidationError(
+            "a JSON value is nested too deeply to write (past Python's recursion limit);"
+            " make the event or the step's output flatter"
+        ) from exc
 
 
 class AvroModel(BaseModel):
@@ -241,23 +253,39 @@ class Header(BaseModel):
 
 
 class DeadLetter(AvroModel):
-    """A message that could not be processed, with its reason and original bytes."""
+    """A message that could not be processed, with its reason and original bytes.
+
+    ``transient``: the failure was transient and its attempts ran out (else retrying could
+    not help); ``value_claim``: the claim check holding the full original when ``value`` is
+    an excerpt; ``first_failed_at`` / ``failed_at``: the first and the last failure (a
+    letter written as v1 reads ``first_failed_at`` as ``failed_at``)."""
 
     avro_name: ClassVar[str] = "dead_letter"
 
     dead_letter_id: str
     reason: str
     error_type: str
+    transient: bool = False
     topic: str
     partition: int
     offset: int
+    record_timestamp: datetime | None = None
     consumer_group: str
     key: bytes | None = None
     value: bytes | None = None
+    value_claim: str | None = None
     headers: list[Header] = Field(default_factory=list)
     run_id: str | None = None
     workflow: str | None = None
     step: str | None = None
     tenant: str | None = None
+    trace_parent: str | None = None
     attempts: int = 1
+    first_failed_at: datetime | None = None
     failed_at: datetime = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _first_failure(self) -> Self:
+        if self.first_failed_at is None:
+            self.first_failed_at = self.failed_at
+        return self

@@ -147,7 +147,7 @@ def _excerpt_dead_letter(work: Pass, error: Exception, claim: str | None = None,
     where = (f"; the full value is in Redis as claim check {claim}" if claim else "")
     return dead_letter(short, error, group=work.executor.group,
                        dlq_topic=work.executor.dlq_topic,
-                       message=work.job.subject if work.job else None,
+                       message=work.job.subject if work.job else None, value_claim=claim,
                        note=f"the original value of {size} bytes was too large for the "
                             f"dead-letter topic; only its first {keep} bytes are kept{where}")
 
@@ -245,8 +245,9 @@ async def route(work: Pass, after: Next) -> None:
         retry = work.executor.retry(work.job, failure)
         if retry is None:
             attempts = work.job.subject.attempt if work.job.subject else 1
-            failure = TransientError(f"{failure.reason} (gave up after {attempts} attempts; "
-                                     f"replay the dead letter once the cause is fixed)")
+            # the same error class, so the dead letter says what kind of failure it was
+            failure.args = (f"{failure.reason} (gave up after {attempts} attempts; replay the "
+                            f"dead letter once the cause is fixed)",)
         else:
             work.emits = (retry,)
             work.retried = True

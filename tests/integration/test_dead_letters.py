@@ -115,7 +115,9 @@ async def test_an_output_too_large_for_the_broker_is_dead_lettered_not_retried_f
         "trigger": {"source": "crm", "event_types": ["grow"]},
         "steps": [{"id": "grow", "kind": "transform",
                    "output": "{{ replace(input.blob, 'x', 'xxxxxxxxx') }}"}]}))
-    big = settings.model_copy(update={"workflows_dir": tmp_path, "partitions": 1})
+    # claim checks off (threshold above the broker's limit): the broker refuses the output
+    big = settings.model_copy(update={"workflows_dir": tmp_path, "partitions": 1,
+                                      "claim_check_bytes": 64 * 1024 * 1024})
     events = [TriggerEvent(event_id="huge", source="crm", event_type="grow",
                            payload={"blob": "x" * 110_000}),
               TriggerEvent(event_id="small", source="crm", event_type="grow",
@@ -129,3 +131,27 @@ async def test_an_output_too_large_for_the_broker_is_dead_lettered_not_retried_f
     assert letter.topic == f"{big.topic_prefix}.blow_up.grow"
     assert [r.event_id for r in results] == ["small"], "the partition kept going"
     assert results[0].output == "x" * 18
+
+
+async def test_an_output_too_large_for_the_broker_travels_as_a_claim_check(
+        settings: Settings, tmp_path: Path) -> None:
+    """With claim checks on (the default), the same run completes."""
+    import yaml
+
+    from agentfabric.app import publish_events
+    from schemas.models import TriggerEvent
+
+    from .helpers import collect_results
+
+    (tmp_path / "blow_up.yaml").write_text(yaml.safe_dump({
+        "name": "blow_up", "version": 1,
+        "trigger": {"source": "crm", "event_types": ["grow"]},
+        "steps": [{"id": "grow", "kind": "transform",
+                   "output": "{{ replace(input.blob, 'x', 'xxxxxxxxx') }}"}]}))
+    big = settings.model_copy(update={"workflows_dir": tmp_path, "partitions": 1})
+    events = [TriggerEvent(event_id="huge", source="crm", event_type="grow",
+                           payload={"blob": "x" * 110_000})]
+    async with running_worker(big):
+        await publish_events(big, TopicNames(big.topic_prefix).trigger("crm"), events)
+        [result] = await collect_results(big, "blow_up", 1)
+    assert result.output == "x" * 990_000, "read back through the claim check"

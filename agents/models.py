@@ -149,8 +149,12 @@ class ModelClient:
         key = self._env.get(provider.api_key_env, "") if provider.api_key_env else ""
         # the SDK retries 408/409/429/5xx, timeouts and lost connections with jittered
         # backoff and honours Retry-After / retry-after-ms / x-should-retry: we use it as is
+        # aiohttp as the transport (the SDK's own option): httpx's pool scans every
+        # connection per request, which shows at the concurrency of a step's window
         return openai.AsyncOpenAI(base_url=provider.base_url, api_key=key or "unused",
-                                  max_retries=self.max_retries, timeout=self.timeout_s)
+                                  max_retries=self.max_retries, timeout=self.timeout_s,
+                                  http_client=openai.DefaultAioHttpClient(
+                                      timeout=self.timeout_s))
 
     async def _loop_client(self, provider_name: str) -> openai.AsyncOpenAI:
         """The provider's client; the first one is built in a thread, since building it

@@ -390,8 +390,11 @@ class OpenAiResult:
 
 async def bare_openai(url: str, concurrency: int, seconds: float, warmup_s: float,
                       ) -> OpenAiResult:
-    """(e0) ``concurrency`` loops of the bare AsyncOpenAI client; requests/s after warm-up."""
-    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30.0)
+    """(e0) ``concurrency`` loops of the bare AsyncOpenAI client; requests/s after warm-up.
+    It uses the same HTTP transport as the fabric's model client (the SDK's aiohttp one), so
+    e/e0 measures what the fabric adds, not a difference of transports."""
+    client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30.0,
+                                http_client=openai.DefaultAioHttpClient(timeout=30.0))
     finished: list[tuple[float, float]] = []  # (when, how long)
     errors = 0
     begin = time.perf_counter()

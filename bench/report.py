@@ -270,7 +270,9 @@ read back after each case, so no measuring consumer competes for the two cores w
   includes a fetch wait of up to `fetch_max_wait_ms`, which the raw relay pays too; the broker
   does not wake a waiting fetch). Percentiles are nearest-rank, taken of each distribution
   separately (different messages, not paired); timestamps have 1 ms resolution.
-- **(e0) bare openai client.** `AsyncOpenAI` (no retries) against `agentfabric model-server`
+- **(e0) bare openai client.** `AsyncOpenAI` (no retries; with the SDK's aiohttp transport,
+  `openai.DefaultAioHttpClient`, which is what the fabric's model client uses) against
+  `agentfabric model-server`
   in its own process, scripted to answer every chat request after a fixed latency, from as many
   concurrent request loops as the fabric's `max_in_flight` (read from
   `agentfabric.settings.Settings`, so an `AGENTFABRIC_MAX_IN_FLIGHT` in the environment changes

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from agentfabric.app import publish_events
 from agentfabric.settings import Settings
-from schemas.models import StepMessage, utc_now
+from schemas.models import StepMessage, TriggerEvent, utc_now
 from streams.kafka import Outgoing, Producer
 from streams.topics import TopicNames
 
@@ -100,30 +101,31 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_complete(
     assert "amount" in tool_letter.reason
 
 
-async def test_an_output_too_large_for_the_broker_is_dead_lettered_not_retried_forever(
-        settings: Settings, tmp_path: Path) -> None:
-    """A step whose output the broker can never take must not stall its partition."""
+def _blow_up(settings: Settings, folder: Path, **update: object) -> Settings:
+    """A workflow whose one step multiplies its input by nine, on one partition."""
     import yaml
 
-    from agentfabric.app import publish_events
-    from schemas.models import TriggerEvent
-
-    from .helpers import collect_results
-
-    (tmp_path / "blow_up.yaml").write_text(yaml.safe_dump({
+    (folder / "blow_up.yaml").write_text(yaml.safe_dump({
         "name": "blow_up", "version": 1,
         "trigger": {"source": "crm", "event_types": ["grow"]},
         "steps": [{"id": "grow", "kind": "transform",
                    "output": "{{ replace(input.blob, 'x', 'xxxxxxxxx') }}"}]}))
+    return settings.model_copy(update={"workflows_dir": folder, "partitions": 1, **update})
+
+
+def _grow(event_id: str, size: int) -> TriggerEvent:
+    return TriggerEvent(event_id=event_id, source="crm", event_type="grow",
+                        payload={"blob": "x" * size})
+
+
+async def test_an_output_too_large_for_the_broker_is_dead_lettered_not_retried_forever(
+        settings: Settings, tmp_path: Path) -> None:
+    """A step whose output the broker can never take must not stall its partition."""
     # claim checks off (threshold above the broker's limit): the broker refuses the output
-    big = settings.model_copy(update={"workflows_dir": tmp_path, "partitions": 1,
-                                      "claim_check_bytes": 64 * 1024 * 1024})
-    events = [TriggerEvent(event_id="huge", source="crm", event_type="grow",
-                           payload={"blob": "x" * 110_000}),
-              TriggerEvent(event_id="small", source="crm", event_type="grow",
-                           payload={"blob": "xx"})]
+    big = _blow_up(settings, tmp_path, claim_check_bytes=64 * 1024 * 1024)
     async with running_worker(big):
-        await publish_events(big, TopicNames(big.topic_prefix).trigger("crm"), events)
+        await publish_events(big, TopicNames(big.topic_prefix).trigger("crm"),
+                             [_grow("huge", 110_000), _grow("small", 2)])
         [letter] = await collect_dead_letters(big, 1)
         results = await collect_results(big, "blow_up", 1)
     assert letter.error_type == "PermanentError"
@@ -136,22 +138,9 @@ async def test_an_output_too_large_for_the_broker_is_dead_lettered_not_retried_f
 async def test_an_output_too_large_for_the_broker_travels_as_a_claim_check(
         settings: Settings, tmp_path: Path) -> None:
     """With claim checks on (the default), the same run completes."""
-    import yaml
-
-    from agentfabric.app import publish_events
-    from schemas.models import TriggerEvent
-
-    from .helpers import collect_results
-
-    (tmp_path / "blow_up.yaml").write_text(yaml.safe_dump({
-        "name": "blow_up", "version": 1,
-        "trigger": {"source": "crm", "event_types": ["grow"]},
-        "steps": [{"id": "grow", "kind": "transform",
-                   "output": "{{ replace(input.blob, 'x', 'xxxxxxxxx') }}"}]}))
-    big = settings.model_copy(update={"workflows_dir": tmp_path, "partitions": 1})
-    events = [TriggerEvent(event_id="huge", source="crm", event_type="grow",
-                           payload={"blob": "x" * 110_000})]
+    big = _blow_up(settings, tmp_path)
     async with running_worker(big):
-        await publish_events(big, TopicNames(big.topic_prefix).trigger("crm"), events)
+        await publish_events(big, TopicNames(big.topic_prefix).trigger("crm"),
+                             [_grow("huge", 110_000)])
         [result] = await collect_results(big, "blow_up", 1)
     assert result.output == "x" * 990_000, "read back through the claim check"

@@ -157,6 +157,10 @@ class RetryExecutor:
         self.max_in_flight = settings.max_in_flight
         self.dlq_topic = names.dlq
         self.grace_s = settings.step_timeout_s
+        # runs wait here a second or more: polling as often as a step's consumer would only
+        # load the broker (the embedded one does not wake a waiting fetch)
+        self.fetch_max_wait_ms = max(settings.fetch_max_wait_ms,
+                                     min(250, int(min(settings.retry_tiers_s) * 250)))
 
     def decode(self, record: ConsumerRecord) -> Job:
         message = decode(record.value, record.headers, StepMessage)

@@ -72,7 +72,9 @@ class StepConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = stop
         consumer = make_consumer(self.settings, self.executor.group,
-                                 client_id=f"agentfabric-{self.executor.name}")
+                                 client_id=f"agentfabric-{self.executor.name}",
+                                 fetch_max_wait_ms=getattr(self.executor, "fetch_max_wait_ms",
+                                                           None))
         consumer.subscribe(topics=list(self.executor.topics), listener=_Rebalance(self))
         self._consumer = consumer
         try:

@@ -63,7 +63,8 @@ class Job:
 
 
 class Executor(Protocol):
-    """One consumer group's work: the router, or one step of one workflow."""
+    """One consumer group's work: the router, or one step of one workflow. An executor may
+    also have a ``fetch_max_wait_ms`` attribute for its consumer (default: the setting)."""
 
     @property
     def name(self) -> str: ...

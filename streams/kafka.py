@@ -105,14 +105,15 @@ def _translate(exc: KafkaError) -> PermanentError | UnavailableError:
 
 
 def make_consumer(settings: Settings, group_id: str | None, *topics: str,
-                  client_id: str = "agentfabric") -> AIOKafkaConsumer:
+                  client_id: str = "agentfabric",
+                  fetch_max_wait_ms: int | None = None) -> AIOKafkaConsumer:
     """A consumer that commits only explicitly and starts a new group at the earliest offset
     (and reads past records whose header keys are not UTF-8: see ``streams.tolerant``)."""
     tolerant.install()
     return AIOKafkaConsumer(
         *topics, bootstrap_servers=settings.bootstrap_servers, group_id=group_id,
         client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        fetch_max_wait_ms=fetch_max_wait_ms or settings.fetch_max_wait_ms,
         max_poll_records=settings.max_poll_records, session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000, rebalance_timeout_ms=10_000,
         max_poll_interval_ms=settings.max_poll_interval_ms)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -36,6 +37,7 @@ __all__ = ["RETRY_BACKOFF_S", "StepConsumer"]
 
 log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+WARN_EVERY_S = 5.0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -63,6 +65,7 @@ class StepConsumer:
         self._paused: set[TopicPartition] = set()
         self._releasing: set[TopicPartition] = set()
         self._commit_lock = asyncio.Lock()
+        self._warned: dict[str, tuple[float, int]] = {}
         self._stop: asyncio.Event = asyncio.Event()
 
     @property
@@ -157,10 +160,24 @@ class StepConsumer:
                 return False
             delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
             failures += 1
-            log.warning("%s: %s; trying %s[%d]@%d again in %.1fs", self.executor.name,
-                        problem, record.topic, record.partition, record.offset, delay)
+            self._warn(problem, record, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
+
+    def _warn(self, problem: str, record: ConsumerRecord, delay: float) -> None:
+        """Log a retried failure; the same problem at most once per WARN_EVERY_S per
+        consumer (a Redis outage would otherwise log once per record per try)."""
+        now = time.monotonic()
+        last, quiet = self._warned.get(problem, (0.0, 0))
+        if now - last < WARN_EVERY_S:
+            self._warned[problem] = (last, quiet + 1)
+            return
+        more = f" ({quiet} more records hit this since the last line)" if quiet else ""
+        log.warning("%s: %s; trying %s[%d]@%d again in %.1fs%s", self.executor.name, problem,
+                    record.topic, record.partition, record.offset, delay, more)
+        self._warned[problem] = (now, 0)
+        if len(self._warned) > 100:  # distinct problems: keep the memory bounded
+            self._warned = {problem: self._warned[problem]}
 
     async def commit(self, only: Sequence[TopicPartition] | None = None) -> None:
         async with self._commit_lock:

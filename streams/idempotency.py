@@ -15,6 +15,7 @@ crashes.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from .batching import PipelinedRedis, redis_unavailable
 from .kafka import Outgoing
@@ -169,15 +170,20 @@ class RedisEmissionStore:
         self._done = f"{prefix}:done:"
         self._ttl_s = ttl_s
         self._sha: dict[str, str] = {}
+        self._loading = asyncio.Lock()
 
     async def _sha_of(self, text: str) -> str:
         sha = self._sha.get(text)
         if sha is None:
-            try:
-                sha = self._sha[text] = await self._redis.redis.script_load(text)
-            except (RedisError, OSError) as exc:
-                raise redis_unavailable(exc) from exc
-        return sha
+            async with self._loading:  # one load, not one per record waiting for it
+                sha = self._sha.get(text)
+                if sha is None:
+                    try:
+                        [sha] = await self._redis.execute(lambda pipe: pipe.script_load(text))
+                    except NoScriptError as exc:  # not expected from SCRIPT LOAD
+                        raise redis_unavailable(exc) from exc
+                    self._sha[text] = sha
+        return str(sha)
 
     async def _script(self, text: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run the script once per (keys, args), in one round trip; scripts are loaded

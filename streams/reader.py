@@ -42,13 +42,19 @@ async def read_topic(settings: Settings, topic: str, *, follow: bool = False,
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        # Some brokers (the embedded one) report the start of the last batch + 1 as the end
+        # offset; the high watermark of the first fetch response is the real end then.
         end = await consumer.end_offsets(tps)
+        checked: set[TopicPartition] = set()
         remaining = {tp for tp in tps if end[tp] > 0}
         while follow or remaining:
             if stop is not None and stop.is_set():
                 return
             batch = await consumer.getmany(timeout_ms=200)
             for tp, records in batch.items():
+                if tp not in checked:
+                    checked.add(tp)
+                    end[tp] = max(end[tp], consumer.highwater(tp) or 0)
                 for record in records:
                     yield await claims.resolve(record)
                     if not follow and record.offset + 1 >= end[tp]:

@@ -21,6 +21,7 @@ from aiokafka.record.default_records import _DefaultRecordBatchPy
 __all__ = ["INVALID_KEY_PREFIX", "install", "invalid_header_keys"]
 
 INVALID_KEY_PREFIX = "af-invalid-utf8:"
+lenient_reads = 0  # header keys this process read leniently (0: no record needs checking)
 _CMemoryRecords = _memory_records.MemoryRecords
 
 
@@ -29,6 +30,8 @@ class _LenientText(bytearray):
         try:
             return bytearray.decode(self, encoding, errors)
         except UnicodeDecodeError:
+            global lenient_reads  # a process-wide fact, read on the hot path
+            lenient_reads += 1
             return INVALID_KEY_PREFIX + bytearray.decode(self, encoding, "backslashreplace")
 
 
@@ -103,5 +106,7 @@ def install() -> None:
 
 def invalid_header_keys(headers: Any) -> list[str]:
     """The header keys of a record that were not UTF-8 (escaped), if any."""
+    if not lenient_reads:
+        return []
     return [k[len(INVALID_KEY_PREFIX):] for k, _ in headers or ()
             if isinstance(k, str) and k.startswith(INVALID_KEY_PREFIX)]

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiokafka import ConsumerRecord
 
@@ -57,7 +59,6 @@ class Pass:
     ack_key: str | None = None
     error: Exception | None = None  # why the outputs are a dead letter, if they are
     retried: bool = False  # the outputs are the job's next attempt
-    token: str = ""  # who runs this record (its lease holder)
 
     def dead(self, error: Exception) -> list[Outgoing]:
         self.error = error
@@ -67,7 +68,12 @@ class Pass:
 
 
 Next = Callable[[Pass], Awaitable[None]]
-Stage = Callable[[Pass, Next], Awaitable[None]]
+
+
+class Stage(Protocol):
+    """A stage: acts on ``work`` before and/or after calling ``after`` (or not at all)."""
+
+    def __call__(self, work: Pass, after: Next) -> Awaitable[None]: ...
 
 
 async def _end(_: Pass) -> None:
@@ -79,24 +85,16 @@ class Pipeline:
 
     def __init__(self, executor: Executor, stages: Sequence[Stage]) -> None:
         self.executor = executor
-        self.instance = uuid.uuid4().hex[:12]  # tokens of this process's leases
         self.stages = list(stages)
         chain: Next = _end
-        for stage in reversed(self.stages):
-            chain = _link(stage, chain)
+        for stage in reversed(self.stages):  # no wrapper coroutine per stage and record
+            chain = functools.partial(stage, after=chain)
         self._chain = chain
 
     async def run(self, record: ConsumerRecord) -> Pass:
-        work = Pass(record, self.executor,
-                    token=f"{self.instance}:{record.topic}:{record.partition}:{record.offset}")
+        work = Pass(record, self.executor)
         await self._chain(work)
         return work
-
-
-def _link(stage: Stage, after: Next) -> Next:
-    async def step(work: Pass) -> None:
-        await stage(work, after)
-    return step
 
 
 class Acknowledge:
@@ -182,6 +180,7 @@ class Dedupe:
     def __init__(self, store: EmissionStore, lease_ttl_s: float = 30.0) -> None:
         self.store = store
         self.leases = LeaseKeeper(store, int(lease_ttl_s * 1000))
+        self.instance = uuid.uuid4().hex[:12]  # tokens of this stage's leases
 
     async def __call__(self, work: Pass, after: Next) -> None:
         job = work.job
@@ -189,7 +188,8 @@ class Dedupe:
         if job is None or key is None:
             await after(work)
             return
-        token = work.token
+        record = work.record  # the same record tried again in place holds the same lease
+        token = f"{self.instance}:{record.topic}:{record.partition}:{record.offset}"
         wait_s = 0.02
         while True:
             claim = await self.store.claim(key, job.done_key, token, self.leases.ttl_ms)

@@ -279,7 +279,7 @@ async def test_a_renewed_lease_keeps_a_competitor_waiting(
     lease = f"{settings.topic_prefix}:lease:{KEY}"
     token = await redis.get(lease)
     assert isinstance(token, bytes)
-    assert token.startswith(holder.pipeline.instance.encode()), "someone else holds it"
+    assert token.startswith(holder.dedupe.instance.encode()), "someone else holds it"
     assert 0 < await redis.pttl(lease) <= 1000
     assert holder.dedupe.leases.lost == set()
 

@@ -29,7 +29,7 @@ from streams.codec import (
 from streams.executor import Emit, Job
 from streams.topics import TopicNames
 
-from .errors import AgentFabricError, TransientError
+from .errors import TransientError
 from .settings import Settings
 
 __all__ = ["RetryExecutor", "RouterExecutor", "StepExecutor", "executors_for"]
@@ -43,13 +43,14 @@ class RouterExecutor:
         self.names = names
         self.name = "router"
         self.group = names.router_group
-        self.topics = [names.trigger(s) for s in engine.workflows.sources()]
+        self.sources = {names.trigger(s): s for s in engine.workflows.sources()}
+        self.topics = list(self.sources)
         self.max_in_flight = settings.max_in_flight
         self.dlq_topic = names.dlq
         self.timeout_s = settings.step_timeout_s
 
     def decode(self, record: ConsumerRecord) -> Job:
-        source = self.names.source_of(record.topic) or ""
+        source = self.sources.get(record.topic, "")
         event = decode_trigger(record, source)
         done = f"trigger:{event.tenant}:{event.source}:{event.event_id}"
         replay_of = header_text(record, REPLAY_HEADER)
@@ -80,17 +81,16 @@ class StepExecutor:
         self.max_attempts = settings.max_attempts
         self.tiers = settings.retry_tiers_s
         self.default_timeout_s = settings.step_timeout_s
+        # looked up once, not per record: (workflow, version, step) -> the step's timeout_s
+        self.timeouts = {(wf.name, wf.version, s.id): s.timeout_s for wf in engine.workflows
+                         for s in wf.steps if s.timeout_s}
         spec = engine.workflows.step_spec(workflow, step)
         declared = spec.max_in_flight if spec is not None else None
         self.max_in_flight = declared or settings.max_in_flight
 
     def _timeout(self, message: StepMessage) -> float:
-        try:
-            spec = self.engine.workflows.get(message.workflow, message.workflow_version)
-            timeout = spec.step(message.step).timeout_s
-        except AgentFabricError:  # unknown workflow or step: execute says so in a dead letter
-            timeout = None
-        return timeout or self.default_timeout_s
+        return self.timeouts.get((message.workflow, message.workflow_version, message.step),
+                                 self.default_timeout_s)
 
     def decode(self, record: ConsumerRecord) -> Job:
         message = decode(record.value, record.headers, StepMessage)

@@ -97,10 +97,15 @@ class InteractionLog:
     step: str = ""
     journal: Journal | None = None
     journal_key: str = ""
-    resumed: int = 0  # calls answered from the journal
     _journaled: list[dict[str, Any]] | None = field(default=None, repr=False)
 
-    async def _resume(self, kind: str, name: str, request: str) -> dict[str, Any] | None:
+    def _digest(self, *parts: Any) -> str | None:
+        """What a call asked for, to check a journaled answer fits; only when journaling
+        (it hashes the whole conversation of a model call)."""
+        return request_digest(*parts) if self.journal is not None else None
+
+    async def _resume(self, kind: str, name: str, request: str | None,
+                      ) -> dict[str, Any] | None:
         """The journaled answer to this call, if the step made it before it ran again."""
         if self.journal is None:
             return None
@@ -113,7 +118,6 @@ class InteractionLog:
         if (entry.get("kind"), entry.get("name"), entry.get("request")) == (kind, name,
                                                                              request):
             self.entries.append(entry)
-            self.resumed += 1
             return entry
         log.warning("step '%s' asked for other calls than its journal holds from call %d on "
                     "(%s %s); running them live", self.step, position + 1, kind, name)
@@ -122,6 +126,8 @@ class InteractionLog:
         return None
 
     async def _done(self, entry: dict[str, Any]) -> None:
+        if entry.get("request") is None:
+            entry.pop("request", None)
         self.entries.append(entry)
         if self.journal is not None:
             if self._journaled is not None:
@@ -130,7 +136,7 @@ class InteractionLog:
 
     async def search(self, collection: str, tenant: str, query: str, *, k: int = 5,
                      alpha: float = 1.0, filters: Sequence[Condition] = ()) -> list[Hit]:
-        request = request_digest(collection, tenant, query, k, alpha,
+        request = self._digest(collection, tenant, query, k, alpha,
                                  [repr(f) for f in filters])
         if (entry := await self._resume("lookup", collection, request)) is not None:
             return [Hit.model_validate(h) for h in entry["hits"]]
@@ -153,7 +159,7 @@ class InteractionLog:
                    tools: list[dict[str, Any]] | None = None,
                    response_format: dict[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> ChatResult:
-        request = request_digest(model, messages, tools, response_format)
+        request = self._digest(model, messages, tools, response_format)
         if (entry := await self._resume("model", model, request)) is not None:
             return _chat_result(entry)
         if self.models is None:
@@ -165,7 +171,7 @@ class InteractionLog:
 
     async def call(self, name: str, arguments: Mapping[str, Any], call: ToolCall) -> Any:
         args = json.loads(canonical_json(dict(arguments)))
-        request = request_digest(name, args, call.idempotency_key)
+        request = self._digest(name, args, call.idempotency_key)
         if (entry := await self._resume("tool", name, request)) is not None:
             return _tool_answer(entry)
         try:

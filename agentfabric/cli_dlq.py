@@ -192,18 +192,18 @@ def _print_replay(replay: Replay, verb: str, marks: Marks) -> None:
 
 
 def _workflow_timeouts(settings: Settings) -> WorkflowTimeout:
-    """A workflow's timeout_s by (name, version); the workflows load on first use."""
-    from agents.engine import Engine
+    """A workflow's timeout_s by (name, version); the workflows load on first use (only the
+    workflow files: no models, tools or knowledge bases are needed for this)."""
+    from agents.loader import load_workflows
+    from agents.workflow import WorkflowSet
 
-    from .app import build_engine
-
-    engine: Engine | None = None
+    loaded: WorkflowSet | None = None
 
     def timeout_of(name: str, version: int) -> float | None:
-        nonlocal engine
-        if engine is None:
-            engine = build_engine(settings)
-        return engine.workflows.get(name, version).timeout_s
+        nonlocal loaded
+        if loaded is None:
+            loaded = load_workflows(settings.workflows_dir)
+        return loaded.get(name, version).timeout_s
 
     return timeout_of
 

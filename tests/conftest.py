@@ -58,3 +58,19 @@ async def redis_client(stack: StackInfo) -> AsyncIterator[object]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[tuple[EmbeddedStack, StackInfo]]:
+    """An embedded broker and Redis of this test's own (free ports), so it can stop and
+    start Redis without touching the session stack; stopped by pid at the end."""
+    embedded = EmbeddedStack(tmp_path / "stack", broker_port=free_port(),
+                             redis_port=free_port())
+    info = embedded.start()
+    try:
+        yield embedded, info
+    finally:
+        last = embedded.running() or info
+        embedded.stop()
+        for proc in (info.broker, info.redis, last.redis):
+            assert not pid_alive(proc.pid, proc.binary)

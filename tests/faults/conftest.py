@@ -9,12 +9,10 @@ unknown settings of that prefix.)
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from streams.embedded import EmbeddedStack, StackInfo, free_port, pid_alive
 
 from .harness import SideEffectService
 
@@ -42,17 +40,3 @@ async def service() -> AsyncIterator[SideEffectService]:
         await svc.stop()
 
 
-@pytest.fixture
-def own_stack(tmp_path: Path) -> Iterator[tuple[EmbeddedStack, StackInfo]]:
-    """An embedded broker and Redis of this test's own (free ports), so it can stop and
-    start Redis without touching the session stack; stopped by pid at the end."""
-    embedded = EmbeddedStack(tmp_path / "stack", broker_port=free_port(),
-                             redis_port=free_port())
-    info = embedded.start()
-    try:
-        yield embedded, info
-    finally:
-        last = embedded.running() or info
-        embedded.stop()
-        for proc in (info.broker, info.redis, last.redis):
-            assert not pid_alive(proc.pid, proc.binary)

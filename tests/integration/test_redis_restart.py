@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,18 +36,6 @@ DEADLINE_S = 20.0
 MESSAGES = [Outgoing("t.a", b"k", b"\x00\x01value", (("af-schema", b"x.v1"),))]
 
 
-@pytest.fixture
-def own_stack(tmp_path: Path) -> Iterator[tuple[EmbeddedStack, StackInfo]]:
-    embedded = EmbeddedStack(tmp_path / "stack", broker_port=free_port(),
-                             redis_port=free_port())
-    info = embedded.start()
-    try:
-        yield embedded, info
-    finally:
-        last = embedded.running() or info
-        embedded.stop()
-        for proc in (info.broker, info.redis, last.redis):
-            assert not pid_alive(proc.pid, proc.binary)
 
 
 @pytest.fixture

@@ -18,7 +18,12 @@ Hierarchy::
         ├── UnknownStepError         the message names a step its workflow does not have
         ├── UnroutableEventError     no loaded workflow starts on this event
         ├── ExpressionEvalError      an expression failed on this run's data
-        └── ToolError                a tool rejected the call or failed permanently
+        ├── ToolError                a tool rejected the call or failed permanently
+        │   └── ToolArgumentsError   the arguments do not fit the tool's schema
+        └── ScopeError               the caller may not make this tool call
+    TransientError also has: RateLimitedError (no rate-limit slot in time) and
+    CircuitOpenError (the tool's breaker is open). ApprovalRequired (directly under the root)
+    is control flow: a write call waits for a person.
 
 Third-party errors are translated where they enter (``raise ... from``), so callers
 handle this hierarchy only. Every error carries a one-sentence ``reason`` used in
@@ -29,6 +34,8 @@ from __future__ import annotations
 
 __all__ = [
     "AgentFabricError",
+    "ApprovalRequired",
+    "CircuitOpenError",
     "ConfigError",
     "DecodeError",
     "ExpressionEvalError",
@@ -36,8 +43,11 @@ __all__ = [
     "MessageValidationError",
     "PermanentError",
     "PortInUseError",
+    "RateLimitedError",
+    "ScopeError",
     "SettingsError",
     "StackError",
+    "ToolArgumentsError",
     "ToolError",
     "TransientError",
     "UnavailableError",
@@ -132,3 +142,31 @@ class ExpressionEvalError(PermanentError):
 
 class ToolError(PermanentError):
     """A tool rejected its arguments or failed permanently."""
+
+
+class ToolArgumentsError(ToolError):
+    """A tool call's arguments do not fit the tool's schema; a model is told and may retry."""
+
+
+class ScopeError(PermanentError):
+    """The caller's identity does not allow this call (undeclared tool, missing scope, bad or
+    expired token, another tenant)."""
+
+
+class RateLimitedError(TransientError):
+    """A tool's shared rate limit had no slot within the wait allowed."""
+
+
+class CircuitOpenError(TransientError):
+    """A tool's circuit breaker is open: the tool is not called until it recovers."""
+
+
+class ApprovalRequired(AgentFabricError):
+    """Control flow, not a failure: a write call needs a person's approval first. The engine
+    parks the run (a hand-off on the approvals topic) and runs the step again once approved;
+    the approval is granted to the call's idempotency key."""
+
+    def __init__(self, message: str, *, tool: str, call_key: str,
+                 expires_s: float) -> None:
+        super().__init__(message)
+        self.tool, self.call_key, self.expires_s = tool, call_key, expires_s

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -29,12 +29,23 @@ ToolFn = Callable[..., Any] | Callable[..., Awaitable[Any]]
 
 @dataclass(frozen=True)
 class ToolCall:
-    """What a tool receives besides its arguments."""
+    """What a tool receives besides its arguments.
+
+    ``agent`` is the calling step's identity (``workflow.step``) and ``token`` its signed,
+    short-lived gateway token (``gateway.identity``). ``degraded`` is filled by the gateway
+    when a fallback answered instead of the tool (one line per fallback), so the step can
+    record it on the run.
+    """
 
     tool: str
     idempotency_key: str
     tenant: str
     run_id: str
+    agent: str = ""
+    token: str = ""
+    workflow: str = ""
+    step: str = ""
+    degraded: list[str] = field(default_factory=list, compare=False)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ def build_engine(settings: Settings, models: ModelClient | None = None) -> Engin
 def required_topics(workflows: WorkflowSet, names: TopicNames,
                     retry_tiers_s: Sequence[float] = ()) -> list[str]:
     """Every topic the loaded workflows read or write (with each step's retry tiers)."""
-    topics = {names.dlq, names.approvals, names.recordings}
+    topics = {names.dlq, names.approvals, names.decisions, names.recordings,
+              names.audit}
     topics.update(names.trigger(source) for source in workflows.sources())
     for name in workflows.names():
         topics.add(names.results(name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from .cli_agents import register as register_agent_commands
+from .cli_approvals import approvals_app
 from .cli_common import err, out, run
 from .cli_common import settings as settings_
 from .cli_dlq import dlq_app
+from .cli_tools import tools_app
 from .errors import AgentFabricError, ConfigError
 from .settings import Settings
 
@@ -33,28 +36,33 @@ app = typer.Typer(
 topics_app = typer.Typer(no_args_is_help=True, help="Create and list the fabric's topics.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(tools_app, name="tools")
+app.add_typer(approvals_app, name="approvals")
 
 
 @app.command()
 def up() -> None:
-    """Start the embedded Kafka-compatible broker and Redis on loopback; print their settings."""
+    """Start the embedded Kafka-compatible broker, Redis and the sample CRM and ERP services
+    on loopback; print their settings."""
     from streams.embedded import EmbeddedStack
 
     s = settings_()
     stack = EmbeddedStack(s.state_dir, host=s.broker_host, broker_port=s.broker_port,
-                          redis_port=s.redis_port)
-    info = stack.start()
+                          redis_port=s.redis_port, crm_port=s.crm_port, erp_port=s.erp_port)
+    info = stack.start(services=True)
     out.print(f"broker  pid {info.broker.pid}  {info.bootstrap_servers}  (log {info.broker.log})")
     out.print(f"redis   pid {info.redis.pid}  {info.redis_url}  (log {info.redis.log})")
+    for name, proc in info.services.items():
+        out.print(f"{name:7} pid {proc.pid}  {info.service_urls[name]}  (log {proc.log})")
     out.print("\nConnection settings (the defaults already point here):")
     for key, value in info.env().items():
-        print(f"export {key}={value}")
+        print(f"export {key}={shlex.quote(value)}")
     out.print("\nStop them with `agentfabric down`.")
 
 
 @app.command()
 def down() -> None:
-    """Stop exactly the broker and Redis that `agentfabric up` started."""
+    """Stop exactly the broker, Redis and services that `agentfabric up` started."""
     from streams.embedded import EmbeddedStack
 
     s = settings_()

@@ -1,5 +1,7 @@
 """The workflow engine wired into the runtime's executor protocol (``streams.executor``):
-the router (trigger -> first step of each workflow it starts) and one executor per step.
+the router (trigger -> first step of each workflow it starts), one executor per step, and
+the approvals: one registers every hand-off in Redis (for listing and expiry), one resumes
+or ends runs with the decisions people (or the expiry sweeper) made.
 
 The engine takes and returns models; these executors say which topic each model goes to,
 how a record is deduped, how long a step may run and how a transient failure is retried.
@@ -13,9 +15,9 @@ from collections.abc import Sequence
 
 from aiokafka import ConsumerRecord
 
-from agents.engine import Emitted, Engine, root_run_id
-from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
-from schemas.serde import decode
+from agents.engine import Decision, Emitted, Engine, root_run_id
+from schemas.models import ApprovalDecision, HandOff, RunResult, StepMessage, TriggerEvent
+from schemas.serde import decode, unseal
 from streams.codec import (
     FIRST_FAILURE_HEADER,
     REPLAY_HEADER,
@@ -29,10 +31,12 @@ from streams.codec import (
 from streams.executor import Emit, Job
 from streams.topics import TopicNames
 
+from .approvals import APPROVAL_HEADER, ApprovalStore
 from .errors import TransientError
 from .settings import Settings
 
-__all__ = ["RetryExecutor", "RouterExecutor", "StepExecutor", "executors_for"]
+__all__ = ["ApprovalRegistrar", "DecisionExecutor", "RetryExecutor", "RouterExecutor",
+           "StepExecutor", "approval_executors", "executors_for"]
 
 
 class RouterExecutor:
@@ -94,14 +98,18 @@ class StepExecutor:
 
     def decode(self, record: ConsumerRecord) -> Job:
         message = decode(record.value, record.headers, StepMessage)
-        done = f"step:{message.idempotency_key}"
+        # a step run again on an approval is a unit of work of its own (the first run
+        # parked the run, which completed that one)
+        approval_of = header_text(record, APPROVAL_HEADER)
+        done = f"step:{message.idempotency_key}" + (f":approved:{approval_of}" if approval_of
+                                                    else "")
         replay_of = header_text(record, REPLAY_HEADER)
         lineage = f":replay:{replay_of}" if replay_of else ""
         return Job(message=message, dedupe_key=f"{done}{lineage}:{message.attempt}",
                    done_key=done, timeout_s=self._timeout(message), subject=message,
                    trace_parent=message.trace_parent,
                    first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER),
-                   replay_of=replay_of)
+                   replay_of=replay_of, approval_of=approval_of)
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         message = job.message
@@ -110,7 +118,8 @@ class StepExecutor:
         # the replay is meant to get past
         journal = message.idempotency_key + (f":replay:{job.replay_of}" if job.replay_of
                                              else "")
-        run = await self.engine.run_step(message, journal_key=journal)
+        run = await self.engine.run_step(message, journal_key=journal,
+                                         approval_of=job.approval_of)
         out = [self._route(emitted) for emitted in run.emitted]
         if run.recording is not None:
             out.append(Emit(self.names.recordings, root_run_id(message), run.recording))
@@ -133,12 +142,18 @@ class StepExecutor:
                      (FIRST_FAILURE_HEADER, str(first).encode())))
 
     def _route(self, after: Emitted) -> Emit:
-        if isinstance(after, RunResult):
-            return Emit(self.names.results(after.workflow), after.run_id, after)
-        if isinstance(after, HandOff):
-            return Emit(self.names.approvals, after.run_id, after)
-        return Emit(self.names.step(after.workflow, after.step), after.run_id, after,
-                    trace_header(after))
+        return _route(self.names, after)
+
+
+def _route(names: TopicNames, after: Emitted,
+           extra_headers: tuple[tuple[str, bytes], ...] = ()) -> Emit:
+    """The topic an emitted model goes to."""
+    if isinstance(after, RunResult):
+        return Emit(names.results(after.workflow), after.run_id, after)
+    if isinstance(after, HandOff):
+        return Emit(names.approvals, after.run_id, after)
+    return Emit(names.step(after.workflow, after.step), after.run_id, after,
+                (*trace_header(after), *extra_headers))
 
 
 class RetryExecutor:
@@ -187,9 +202,93 @@ class RetryExecutor:
         return None  # putting a run back on its topic has nothing to wait out
 
 
+# the approvals and decisions topics carry what people do: polling them as often as a
+# step's topic would only load the broker (the embedded one does not wake a waiting fetch)
+PEOPLE_WAIT_MS = 200
+
+
 def _lineage(job: Job) -> tuple[tuple[str, bytes], ...]:
-    """The replay lineage a retried record keeps (its dedupe keys depend on it)."""
-    return ((REPLAY_HEADER, job.replay_of.encode()),) if job.replay_of else ()
+    """The replay and approval lineage a retried record keeps (its dedupe keys depend on
+    it)."""
+    return (*(((REPLAY_HEADER, job.replay_of.encode()),) if job.replay_of else ()),
+            *(((APPROVAL_HEADER, job.approval_of.encode()),) if job.approval_of else ()))
+
+
+class ApprovalRegistrar:
+    """Reads the approvals topic: registers every hand-off in Redis (idempotently) so it
+    can be listed, found by run id, and expired by the sweeper."""
+
+    def __init__(self, names: TopicNames, settings: Settings, store: ApprovalStore) -> None:
+        self.store = store
+        self.name = "approvals"
+        self.group = names.approvals_group
+        self.topics = [names.approvals]
+        self.max_in_flight = settings.max_in_flight
+        self.dlq_topic = names.dlq
+        self.timeout_s = settings.step_timeout_s
+        self.fetch_max_wait_ms = max(settings.fetch_max_wait_ms, PEOPLE_WAIT_MS)
+
+    def decode(self, record: ConsumerRecord) -> Job:
+        hand_off = decode(record.value, record.headers, HandOff)
+        return Job(message=hand_off, dedupe_key=None, timeout_s=self.timeout_s)
+
+    async def execute(self, job: Job) -> Sequence[Emit]:
+        assert isinstance(job.message, HandOff)
+        await self.store.register(job.message)
+        return []
+
+    def retry(self, job: Job, error: TransientError) -> Emit | None:
+        return None  # registering is idempotent writes: an UnavailableError retries in place
+
+
+class DecisionExecutor:
+    """Reads the decisions topic: resumes each decided run once (approved: on, or its step
+    again for a tool call; rejected or expired: on_reject, or the run's result)."""
+
+    def __init__(self, engine: Engine, names: TopicNames, settings: Settings) -> None:
+        self.engine = engine
+        self.names = names
+        self.name = "decisions"
+        self.group = names.decisions_group
+        self.topics = [names.decisions]
+        self.max_in_flight = settings.max_in_flight
+        self.dlq_topic = names.dlq
+        self.timeout_s = settings.step_timeout_s
+        self.fetch_max_wait_ms = max(settings.fetch_max_wait_ms, PEOPLE_WAIT_MS)
+
+    def decode(self, record: ConsumerRecord) -> Job:
+        decision = decode(record.value, record.headers, ApprovalDecision)
+        hand_off = unseal(decision.hand_off, decision.hand_off_schema, HandOff)
+        message = unseal(hand_off.envelope, hand_off.envelope_schema, StepMessage)
+        done = f"decision:{decision.hand_off_id}"
+        replay_of = header_text(record, REPLAY_HEADER)
+        return Job(message=decision, dedupe_key=f"{done}:replay:{replay_of}" if replay_of
+                   else done, done_key=done, timeout_s=self.timeout_s, subject=message,
+                   trace_parent=message.trace_parent, replay_of=replay_of)
+
+    async def execute(self, job: Job) -> Sequence[Emit]:
+        decision = job.message
+        assert isinstance(decision, ApprovalDecision)
+        hand_off = unseal(decision.hand_off, decision.hand_off_schema, HandOff)
+        resumed = await self.engine.resume(hand_off, Decision(
+            approved=decision.approved, by=decision.by,
+            comment=decision.note if decision.approved else decision.reason,
+            expired=decision.expired, decided_at=decision.decided_at))
+        again: tuple[tuple[str, bytes], ...] = ()
+        if decision.approved and hand_off.kind == "tool_approval":
+            again = ((APPROVAL_HEADER, decision.hand_off_id.encode()),)
+        return [_route(self.names, after, again) for after in resumed]
+
+    def retry(self, job: Job, error: TransientError) -> Emit | None:
+        return None  # resuming is a function of the decision: nothing to wait out
+
+
+def approval_executors(engine: Engine, settings: Settings,
+                       store: ApprovalStore) -> list[ApprovalRegistrar | DecisionExecutor]:
+    """The consumers of the approvals and decisions topics (every worker runs them)."""
+    names = TopicNames(settings.topic_prefix)
+    return [ApprovalRegistrar(names, settings, store), DecisionExecutor(engine, names,
+                                                                        settings)]
 
 
 def executors_for(engine: Engine, settings: Settings, workflows: Sequence[str], *,

@@ -120,8 +120,37 @@ class Settings(BaseSettings):
     broker_host: str = Field(default="127.0.0.1", description="Embedded broker listen address.")
     broker_port: int = Field(default=19092, ge=1, le=65535, description="Embedded broker port.")
     redis_port: int = Field(default=16379, ge=1, le=65535, description="Embedded Redis port.")
+    crm_port: int = Field(default=18081, ge=1, le=65535,
+                          description="Port of the sample CRM service `agentfabric up` starts.")
+    erp_port: int = Field(default=18082, ge=1, le=65535,
+                          description="Port of the sample ERP service `agentfabric up` starts.")
+    service_urls: dict[str, str] = Field(
+        default_factory=lambda: {"crm": "http://127.0.0.1:18081", "erp": "http://127.0.0.1:18082"},
+        description="Base URLs of the business systems the tool gateway calls, as a JSON "
+                    "object of name to URL.")
+    tools_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Folders of tool catalog YAML files (`tools: [...]`) besides the shipped "
+                    "tools/catalog, as a JSON list.")
+    tool_modules: list[str] = Field(
+        default_factory=list,
+        description="Python modules declaring tools, as a JSON list; each has "
+                    "register(catalog).")
+    gateway_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret (32+ bytes) signing agent tokens; unset: a random secret per "
+                    "process (tokens are minted and checked by the same worker).")
     shutdown_timeout_s: float = Field(default=30.0, gt=0,
                                       description="How long SIGTERM waits for in-flight work.")
+    approval_expiry_s: float = Field(
+        default=86_400.0, gt=0, le=90 * 86_400,
+        description="How long a run waits for a person's decision (an approval step or a "
+                    "tool call needing approval) before it ends as expired; an approval step "
+                    "or a tool's approval policy may set its own expires_s.")
+    approval_sweep_interval_s: float = Field(
+        default=1.0, gt=0, le=3_600,
+        description="How often a worker looks for approval requests past their expiry (any "
+                    "replica may; exactly one ends each run).")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -140,6 +169,15 @@ class Settings(BaseSettings):
         if value != sorted(value) or len(set(value)) != len(value):
             raise ValueError("retry tiers must be distinct and in increasing order")
         return value
+
+    @field_validator("service_urls")
+    @classmethod
+    def _service_urls(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, url in value.items():
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"the URL of service '{name}' must start with http:// or "
+                                 f"https://")
+        return {name: url.rstrip("/") for name, url in value.items()}
 
     @field_validator("redis_url")
     @classmethod

@@ -1,5 +1,6 @@
 """A worker process: the router plus one consumer per step of the selected workflows,
-wired from the engine into the runtime, until ``stop`` is set."""
+wired from the engine into the runtime, until ``stop`` is set. Every worker also registers
+hand-offs, resumes decided runs and sweeps expired approval requests (``approvals``)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from streams.joins import RedisJoinStore
 from streams.journal import RedisJournal
 from streams.runtime import Runtime
 
+from .approvals import ApprovalStore, DecisionPublisher, sweep
 from .errors import StackError
-from .executors import executors_for
+from .executors import approval_executors, executors_for
 from .settings import Settings
 
 __all__ = ["Worker", "background_worker", "connect_redis"]
@@ -106,14 +108,25 @@ class Worker:
             shared = PipelinedRedis(redis)  # concurrent records share round trips
             self.engine.journal = RedisJournal(shared, self.settings.topic_prefix,
                                                self.settings.idempotency_ttl_s)
-            self.runtime = Runtime(self.settings, executors_for(
-                self.engine, self.settings, self.selected, router=self.router), shared)
+            self.engine.approval_expiry_s = self.settings.approval_expiry_s
+            approvals = ApprovalStore(shared, self.settings.topic_prefix,
+                                      self.settings.idempotency_ttl_s,
+                                      self.settings.approval_expiry_s)
+            self.runtime = Runtime(self.settings, [
+                *executors_for(self.engine, self.settings, self.selected, router=self.router),
+                *approval_executors(self.engine, self.settings, approvals)], shared)
             announce = asyncio.create_task(self._announce_ready(self.runtime))
+            publisher = DecisionPublisher(self.settings, shared, "agentfabric-approvals")
+            sweeper = asyncio.create_task(sweep(approvals, publisher,
+                                                self.settings.approval_sweep_interval_s, stop),
+                                          name="approvals-sweeper")
             try:
                 await self.runtime.run(stop)
             finally:
                 announce.cancel()
-                await asyncio.gather(announce, return_exceptions=True)
+                sweeper.cancel()
+                await asyncio.gather(announce, sweeper, return_exceptions=True)
+                await publisher.close()
         finally:
             await redis.aclose()
             if self.engine.models is not None:

@@ -16,9 +16,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from agentfabric.errors import ConfigError, PermanentError
+from agentfabric.errors import ApprovalRequired, ConfigError, PermanentError
 from schemas.models import (
     Frame,
     HandOff,
@@ -33,14 +33,13 @@ from schemas.models import (
 )
 from schemas.serde import seal, unseal
 from tools.knowledge import KnowledgeBase
-from tools.registry import ToolRegistry
 
 from .joins import JoinStore, MemoryJoinStore
 from .journal import Journal
 from .models import ModelClient
-from .recording import InteractionLog, Replay, output_bytes
+from .recording import InteractionLog, Replay, ToolCaller, output_bytes
 from .steps import END, StepContext, StepOutcome, StepSpec
-from .steps.base import HandOffRequest, SubWorkflowCall
+from .steps.base import HandOffRequest, SubWorkflowCall, ToolCallLimitExceeded
 from .steps.flow import ApprovalStep, ParallelStep
 from .workflow import Workflow, WorkflowSet, step_scope
 
@@ -112,22 +111,49 @@ class StepRun:
 
 @dataclass(frozen=True)
 class Decision:
-    """A person's decision on a hand-off."""
+    """A person's decision on a hand-off, or (``expired``) that nobody decided in time.
+    ``comment`` is an approval's note or a rejection's (or the expiry's) reason."""
 
     approved: bool
     by: str
     comment: str = ""
+    expired: bool = False
+    decided_at: datetime | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What the run keeps of it, in its context under the step decided on."""
+        found: dict[str, Any] = {"approved": self.approved, "by": self.by,
+                                 "note" if self.approved else "reason": self.comment,
+                                 "expired": self.expired}
+        if self.decided_at is not None:
+            found["decided_at"] = self.decided_at.isoformat()
+        return found
+
+
+class AgentTokens(Protocol):
+    """Mints the signed, short-lived token a step carries to the tool gateway."""
+
+    def mint(self, agent: str, tenant: str, tools: Sequence[str], ttl_s: float) -> str: ...
 
 
 class Engine:
     """Runs loaded workflows one step at a time. A tool call may take ``tool_timeout_s``
-    (a step's own ``tool_timeout_s`` wins); past it the step fails as transient."""
+    (a step's own ``tool_timeout_s`` wins); past it the step fails as transient.
 
-    def __init__(self, workflows: WorkflowSet, tools: ToolRegistry, *,
+    ``tools`` is the tool gateway (or, in tests, a plain registry); with ``tokens`` each step
+    runs as its own agent (``workflow.step``) with a token scoped to the tools it declares.
+    A run may make at most ``max_tool_calls_per_run`` tool calls; one that would pass it is
+    ended with status ``tool_call_limit``."""
+
+    # seconds a hand-off waits for a decision unless its step says (the worker sets it)
+    approval_expiry_s: float = 86_400.0
+
+    def __init__(self, workflows: WorkflowSet, tools: ToolCaller, *,
                  models: ModelClient | None = None, knowledge: KnowledgeBase | None = None,
                  joins: JoinStore | None = None,
                  max_steps_per_run: int = 100, record_all: bool = False,
-                 tool_timeout_s: float = 30.0,
+                 tool_timeout_s: float = 30.0, tokens: AgentTokens | None = None,
+                 max_tool_calls_per_run: int | None = 50,
                  clock: Callable[[], datetime] = utc_now) -> None:
         if tool_timeout_s <= 0:
             raise ConfigError(f"tool_timeout_s must be positive, not {tool_timeout_s}; set "
@@ -141,6 +167,8 @@ class Engine:
         self.max_steps_per_run = max_steps_per_run
         self.record_all = record_all
         self.tool_timeout_s = tool_timeout_s
+        self.tokens = tokens
+        self.max_tool_calls_per_run = max_tool_calls_per_run
         self.clock = clock
         self._check_steps()
 
@@ -198,11 +226,14 @@ class Engine:
 
     async def run_step(self, msg: StepMessage, *,
                        replay: list[dict[str, Any]] | None = None,
-                       journal_key: str | None = None) -> StepRun:
+                       journal_key: str | None = None,
+                       approval_of: str | None = None) -> StepRun:
         """Run one step. With ``replay``, model and tool calls are answered from that
         recording (and the deadline is not checked: a replay runs after the fact).
         Otherwise calls already journaled under ``journal_key`` (default: the message's
-        idempotency key) are answered from the journal, and new ones are journaled."""
+        idempotency key) are answered from the journal, and new ones are journaled.
+        A tool call that needs approval parks the run (a ``tool_approval`` hand-off);
+        ``approval_of`` is the hand-off whose approval runs the step again, if any."""
         wf = self.workflows.get(msg.workflow, msg.workflow_version)
         step = wf.step(msg.step)
         if len(msg.path) >= self.max_steps_per_run:
@@ -220,8 +251,17 @@ class Engine:
                            journal_key=journal_key or msg.idempotency_key)
             if replay is None
             else Replay(self.tools, replay, step.id))
-        outcome = await step.run(StepContext(message=msg, scope=step_scope(msg), tools=calls,
-                                             models=calls, knowledge=calls))
+        ctx = StepContext(message=msg, scope=step_scope(msg), tools=calls, models=calls,
+                          knowledge=calls, agent=f"{msg.workflow}.{step.id}",
+                          token=self._token(msg, step),
+                          max_tool_calls_per_run=self.max_tool_calls_per_run)
+        try:
+            outcome = await step.run(ctx)
+        except ApprovalRequired as exc:  # parked: the step runs again once approved
+            return StepRun([self._tool_hand_off(msg, exc, approval_of)], None)
+        except ToolCallLimitExceeded as exc:
+            return StepRun(await self._stop(wf, step, msg, "tool_call_limit", exc.reason,
+                                            ctx.tool_calls), None)
         if isinstance(calls, Replay):
             calls.finished()
         recording = None
@@ -235,6 +275,26 @@ class Engine:
                 recorded_at=now)
         return StepRun(await self._after(wf, step, msg, outcome), outcome.output, recording)
 
+    def _token(self, msg: StepMessage, step: StepSpec) -> str:
+        tools = list(step.tool_names())
+        if self.tokens is None or not tools:
+            return ""
+        ttl = (self.tool_timeout_for(step) * 4 + 60) if step.timeout_s is None else (
+            step.timeout_s + 60)
+        return self.tokens.mint(f"{msg.workflow}.{step.id}", msg.tenant, tools, ttl)
+
+    async def _stop(self, wf: Workflow, step: StepSpec, msg: StepMessage, status: str,
+                    reason: str, tool_calls: int = 0) -> list[Emitted]:
+        """End the run at ``step`` with ``status``; its output says why."""
+        spent = Usage(steps=1, tool_calls=tool_calls)
+        step_usage = {**msg.step_usage, step.id: msg.step_usage.get(step.id, Usage()) + spent}
+        done = msg.model_copy(update={
+            "context": {**msg.context, step.id: {"status": status, "reason": reason}},
+            "path": [*msg.path, step.id], "usage": msg.usage + spent,
+            "step_usage": step_usage})
+        return await self._finish(wf, done, status=status,
+                                  output={"status": status, "step": step.id, "reason": reason})
+
     async def _after(self, wf: Workflow, step: StepSpec, msg: StepMessage,
                      outcome: StepOutcome) -> list[Emitted]:
         spent = outcome.usage.model_copy(update={"steps": 1})  # one step, whatever it used
@@ -246,7 +306,8 @@ class Engine:
                                    outcome.hand_off, outcome.output)]
         done = msg.model_copy(update={"context": {**msg.context, step.id: outcome.output},
                                       "path": [*msg.path, step.id], "usage": usage,
-                                      "step_usage": step_usage})
+                                      "step_usage": step_usage,
+                                      "degraded": [*msg.degraded, *outcome.degraded]})
         if outcome.call is not None:
             return [self._call(done, step.id, outcome.call)]
         if outcome.fan_out is not None:
@@ -283,7 +344,8 @@ class Engine:
         frame = done.frames[-1]
         own = done.path[frame.visit + 1:]  # the steps this branch ran since the fan-out
         branch = {"path": own, "context": {name: done.context[name] for name in own},
-                  "step_usage": {name: done.step_usage[name].model_dump() for name in own}}
+                  "step_usage": {name: done.step_usage[name].model_dump() for name in own},
+                  "degraded": done.degraded}
         arrived = await self.joins.arrive(f"{done.run_id}:{frame.step}:{frame.visit}",
                                           frame.branch, canonical_json(branch), frame.total)
         if arrived is None:
@@ -295,15 +357,18 @@ class Engine:
         context = dict(done.context)
         step_usage = dict(done.step_usage)
         path = done.path[:frame.visit + 1]
+        degraded: dict[str, None] = {}  # every branch carries the notes from before the fan-out
         for head in order:
             part = json.loads(arrived[head])
+            degraded.update(dict.fromkeys(part.get("degraded", ())))
             path.extend(part["path"])
             context.update(part["context"])
             for name, used in part["step_usage"].items():
                 step_usage[name] = Usage.model_validate(used)
         joined = done.model_copy(update={"context": context, "path": path,
                                          "step_usage": step_usage, "usage": _total(step_usage),
-                                         "frames": done.frames[:-1]})
+                                         "frames": done.frames[:-1],
+                                         "degraded": list(degraded)})
         return [self._move(joined, join)]
 
     def _call(self, done: StepMessage, step: str, call: SubWorkflowCall) -> StepMessage:
@@ -327,16 +392,17 @@ class Engine:
             parent=ParentCall(envelope=envelope, envelope_schema=schema_id, step=step))
 
     async def _finish(self, wf: Workflow, done: StepMessage, status: str = "completed",
-                      ) -> list[Emitted]:
-        last = done.context.get(done.path[-1]) if done.path else None
-        output = last if wf.output is None else wf.output.render(step_scope(done))
+                      output: Any = None) -> list[Emitted]:
+        if output is None:
+            last = done.context.get(done.path[-1]) if done.path else None
+            output = last if wf.output is None else wf.output.render(step_scope(done))
         result = RunResult(
             run_id=done.run_id, workflow=done.workflow, workflow_version=done.workflow_version,
             tenant=done.tenant, status=status, output=output, context=done.context,
             usage=done.usage, step_usage=done.step_usage, path=done.path,
             event_id=done.event_id, source=done.source, event_type=done.event_type,
             trace_parent=done.trace_parent, started_at=done.started_at,
-            finished_at=self.clock())
+            finished_at=self.clock(), degraded=done.degraded)
         if done.parent is None:
             return [result]
         caller = unseal(done.parent.envelope, done.parent.envelope_schema, StepMessage)
@@ -346,38 +412,68 @@ class Engine:
                       step.id: caller.step_usage.get(step.id, Usage()) + done.usage}
         resumed = caller.model_copy(update={
             "context": {**caller.context, step.id: output}, "step_usage": step_usage,
-            "usage": caller.usage + done.usage})
+            "usage": caller.usage + done.usage, "degraded": [*caller.degraded, *done.degraded]})
         return [result, *await self._continue(caller_wf, step, resumed, None)]
 
     async def resume(self, hand_off: HandOff, decision: Decision) -> list[Emitted]:
-        """Continue a run a person has decided on: approved runs go on, rejected ones go to
-        the step's ``on_reject`` (the run ends as rejected by default)."""
+        """Continue a run a person has decided on. An approved run goes on (a tool call that
+        waited runs its step again: the gateway finds the grant to that call); a rejected or
+        expired one goes to the approval step's ``on_reject``, else ends as ``rejected`` or
+        ``expired`` with the reason as its output. Time spent waiting does not count
+        against the run's deadline."""
         msg = unseal(hand_off.envelope, hand_off.envelope_schema, StepMessage)
         wf = self.workflows.get(msg.workflow, msg.workflow_version)
         step = wf.step(msg.step)
-        done = msg.model_copy(update={
-            "context": {**msg.context, step.id: {"approved": decision.approved,
-                                                 "by": decision.by,
-                                                 "comment": decision.comment}},
-            "path": [*msg.path, step.id]})
+        if msg.deadline is not None and decision.decided_at is not None \
+                and decision.decided_at > hand_off.created_at:
+            msg = msg.model_copy(update={
+                "deadline": msg.deadline + (decision.decided_at - hand_off.created_at)})
+        if decision.approved and hand_off.kind == "tool_approval":
+            return [msg]
+        done = msg.model_copy(update={"context": {**msg.context, step.id: decision.record()},
+                                      "path": [*msg.path, step.id]})
         if decision.approved:
             return await self._continue(wf, step, done, None)
+        status = "expired" if decision.expired else "rejected"
         target = step.on_reject if isinstance(step, ApprovalStep) else END
         if target != END:
             return [self._move(done, target)]
         if done.frames:
             raise PermanentError(
-                f"step '{step.id}' was rejected inside branch '{done.frames[-1].branch}' of "
+                f"step '{step.id}' was {status} inside branch '{done.frames[-1].branch}' of "
                 f"parallel step '{done.frames[-1].step}', and ending the run there would "
                 f"strand the other branches; set on_reject to a step that reaches the join")
-        return await self._finish(wf, done, status="rejected")
+        output = {"status": status, "step": step.id, "reason": decision.comment,
+                  "by": decision.by}
+        if hand_off.tool is not None:
+            output["tool"] = hand_off.tool
+        return await self._finish(wf, done, status=status, output=output)
 
     def _hand_off(self, msg: StepMessage, request: HandOffRequest, detail: Any) -> HandOff:
-        envelope, schema_id = seal(msg)
         transcript = detail.get("transcript", []) if isinstance(detail, dict) else []
+        return self._park(msg, request.kind, request.reason, msg.idempotency_key,
+                          request.expires_s, transcript=transcript)
+
+    def _tool_hand_off(self, msg: StepMessage, request: ApprovalRequired,
+                       approval_of: str | None) -> HandOff:
+        """The run waits for approval of one tool call; the hand-off holds the message as it
+        came, so an approval runs the same step again (its calls answered from the journal
+        up to the approved one). Its id is new for each run of the step, so a call asking
+        again after an approval is a new request, never one already decided."""
+        after = f":after:{approval_of}" if approval_of else ""
+        return self._park(msg, "tool_approval", request.reason,
+                          f"tool_approval:{request.call_key}{after}", request.expires_s,
+                          tool=request.tool, call_key=request.call_key)
+
+    def _park(self, msg: StepMessage, kind: str, reason: str, basis: str,
+              expires_s: float | None, *, transcript: list[Any] | None = None,
+              tool: str | None = None, call_key: str | None = None) -> HandOff:
+        envelope, schema_id = seal(msg)
+        now = self.clock()
         return HandOff(
-            hand_off_id=str(uuid.uuid5(RUN_NAMESPACE, msg.idempotency_key)), kind=request.kind,
-            reason=request.reason, run_id=msg.run_id, workflow=msg.workflow,
-            workflow_version=msg.workflow_version, step=msg.step, tenant=msg.tenant,
-            envelope=envelope, envelope_schema=schema_id, transcript=transcript,
-            created_at=self.clock())
+            hand_off_id=str(uuid.uuid5(RUN_NAMESPACE, basis)), kind=kind, reason=reason,
+            run_id=msg.run_id, workflow=msg.workflow, workflow_version=msg.workflow_version,
+            step=msg.step, tenant=msg.tenant, envelope=envelope, envelope_schema=schema_id,
+            transcript=transcript or [], created_at=now,
+            expires_at=now + timedelta(seconds=expires_s or self.approval_expiry_s),
+            tool=tool, call_key=call_key)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from agentfabric.errors import PermanentError, ToolError, TransientError
 from schemas.models import Usage, canonical_json
 from tools.knowledge import KnowledgeBase
-from tools.registry import Tool, ToolCall, ToolRegistry
+from tools.registry import ToolCall
 from tools.vectors import Condition, Hit
 
 from .journal import Journal, request_digest
@@ -58,12 +58,33 @@ class KnowledgeSearch(Protocol):
                      alpha: float = 1.0, filters: Sequence[Condition] = ()) -> list[Hit]: ...
 
 
+class ToolView(Protocol):
+    """What a model is shown of a tool."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def parameters(self) -> dict[str, Any]: ...
+
+
 class ToolCaller(Protocol):
-    def get(self, name: str) -> Tool: ...
+    def get(self, name: str) -> ToolView: ...
 
     def names(self) -> list[str]: ...
 
     async def call(self, name: str, arguments: Mapping[str, Any], call: ToolCall) -> Any: ...
+
+
+async def refuse(tools: object, name: str, arguments: Any, call: ToolCall, reason: str,
+                 ) -> None:
+    """Tell the gateway (if ``tools`` is one) about a call a step refused, for its audit."""
+    hook = getattr(tools, "refuse", None)
+    if hook is not None:
+        await hook(name, arguments, call, reason)
 
 
 def output_bytes(output: Any) -> str:
@@ -90,7 +111,7 @@ class InteractionLog:
     tool's thread cannot be stopped: it runs on, but its answer is dropped)."""
 
     models: ModelClient | None
-    tools: ToolRegistry
+    tools: ToolCaller
     knowledge: KnowledgeBase | None = None
     entries: list[dict[str, Any]] = field(default_factory=list)
     tool_timeout_s: float = 30.0
@@ -149,11 +170,14 @@ class InteractionLog:
                           "request": request, "hits": [h.model_dump() for h in hits]})
         return hits
 
-    def get(self, name: str) -> Tool:
+    def get(self, name: str) -> ToolView:
         return self.tools.get(name)
 
     def names(self) -> list[str]:
         return self.tools.names()
+
+    async def refuse(self, name: str, arguments: Any, call: ToolCall, reason: str) -> None:
+        await refuse(self.tools, name, arguments, call, reason)
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *,
                    tools: list[dict[str, Any]] | None = None,
@@ -173,9 +197,14 @@ class InteractionLog:
         args = json.loads(canonical_json(dict(arguments)))
         request = self._digest(name, args, call.idempotency_key)
         if (entry := await self._resume("tool", name, request)) is not None:
+            call.degraded.extend(entry.get("degraded", ()))
             return _tool_answer(entry)
+        # the gateway applies each tool's own timeout per attempt (and retries); this bound
+        # is for plain registries
+        bound = None if getattr(self.tools, "owns_timeouts", False) else self.tool_timeout_s
+        noted = len(call.degraded)
         try:
-            async with asyncio.timeout(self.tool_timeout_s) as limit:
+            async with asyncio.timeout(bound) as limit:
                 result = await self.tools.call(name, arguments, call)
         except TimeoutError as exc:
             if not limit.expired():
@@ -191,8 +220,11 @@ class InteractionLog:
             raise
         # what the run keeps is plain JSON (dates, decimals, ids as text), as the model sees it
         result = json.loads(json.dumps(result, default=str))
-        await self._done({"kind": "tool", "name": name, "arguments": args,
-                          "request": request, "result": result})
+        entry = {"kind": "tool", "name": name, "arguments": args, "request": request,
+                 "result": result}
+        if len(call.degraded) > noted:  # a fallback answered: the run records it
+            entry["degraded"] = call.degraded[noted:]
+        await self._done(entry)
         return result
 
 
@@ -206,12 +238,12 @@ def _tool_answer(entry: dict[str, Any]) -> Any:
 class Replay:
     """Answers model and tool calls from a recording, in order, checking each request."""
 
-    tools: ToolRegistry
+    tools: ToolCaller
     entries: list[dict[str, Any]]
     step: str
     position: int = 0
 
-    def get(self, name: str) -> Tool:
+    def get(self, name: str) -> ToolView:
         return self.tools.get(name)
 
     def names(self) -> list[str]:
@@ -248,6 +280,7 @@ class Replay:
         if canonical_json(dict(arguments)) != canonical_json(entry["arguments"]):
             raise ReplayDivergence(f"step '{self.step}' called tool {name} with other arguments "
                                    f"than recorded")
+        call.degraded.extend(entry.get("degraded", ()))
         return _tool_answer(entry)
 
     def finished(self) -> None:

@@ -1,7 +1,16 @@
 """Message contracts: Avro schemas (``avro/*.avsc``), their pydantic twins, and serialization."""
 
-from .models import DeadLetter, HandOff, Header, RunResult, StepMessage, TriggerEvent, Usage
+from .models import (
+    ApprovalDecision,
+    DeadLetter,
+    HandOff,
+    Header,
+    RunResult,
+    StepMessage,
+    TriggerEvent,
+    Usage,
+)
 from .serde import decode, encode
 
-__all__ = ["DeadLetter", "HandOff", "Header", "RunResult", "StepMessage", "TriggerEvent", "Usage",
-           "decode", "encode"]
+__all__ = ["ApprovalDecision", "DeadLetter", "HandOff", "Header", "RunResult", "StepMessage",
+           "TriggerEvent", "Usage", "decode", "encode"]

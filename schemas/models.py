@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agentfabric.errors import MessageValidationError
 
 __all__ = [
+    "ApprovalDecision",
     "AvroModel",
     "DeadLetter",
     "Frame",
@@ -179,6 +180,7 @@ class StepMessage(AvroModel):
     path: list[str] = Field(default_factory=list)
     parent: ParentCall | None = None
     frames: list[Frame] = Field(default_factory=list)
+    degraded: list[str] = Field(default_factory=list)
 
 
 class RunResult(AvroModel):
@@ -204,10 +206,13 @@ class RunResult(AvroModel):
     trace_parent: str | None = None
     started_at: datetime
     finished_at: datetime
+    degraded: list[str] = Field(default_factory=list)
 
 
 class HandOff(AvroModel):
-    """A run handed to a person, with the envelope that resumes it."""
+    """A run handed to a person, with the envelope that resumes it. ``expires_at``: when an
+    unanswered request ends the run as expired; ``tool`` and ``call_key``: the tool call a
+    ``tool_approval`` waits on (an approval is granted to that call's idempotency key)."""
 
     avro_name: ClassVar[str] = "hand_off"
     json_fields: ClassVar[frozenset[str]] = frozenset({"transcript"})
@@ -224,6 +229,31 @@ class HandOff(AvroModel):
     envelope_schema: str
     transcript: list[Any] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=utc_now)
+    expires_at: datetime | None = None
+    tool: str | None = None
+    call_key: str | None = None
+
+
+class ApprovalDecision(AvroModel):
+    """A decision on a hand-off (or its expiry), with the hand-off it decides: the worker
+    resumes the run with it (``agentfabric approvals``)."""
+
+    avro_name: ClassVar[str] = "approval_decision"
+
+    hand_off_id: str
+    run_id: str
+    workflow: str
+    step: str
+    kind: str
+    tenant: str = "default"
+    approved: bool
+    expired: bool = False
+    by: str
+    note: str = ""
+    reason: str = ""
+    decided_at: datetime = Field(default_factory=utc_now)
+    hand_off: bytes
+    hand_off_schema: str
 
 
 class StepRecording(AvroModel):

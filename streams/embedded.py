@@ -4,7 +4,8 @@
 ``EmbeddedStack.start`` checks the ports, spawns both, waits until each answers and records
 their pids in ``<state_dir>/stack.json``; ``stop`` ends exactly those pids (and only if
 they are still the processes it started). Production points ``bootstrap_servers`` and
-``redis_url`` at real services instead.
+``redis_url`` at real services instead. ``start(services=True)`` also runs the sample CRM
+and ERP (``python -m services``, ready when ``/healthz`` answers), recorded the same way.
 
 Redis persists with the append-only file in the state dir (``appendfsync everysec``), so
 ``stop_redis`` and ``start_redis`` restart Redis alone (same port, same data) while the
@@ -16,6 +17,7 @@ messages that no longer exist.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import json
 import os
@@ -23,9 +25,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from agentfabric.errors import PortInUseError, StackError
@@ -37,6 +41,7 @@ READY_TIMEOUT_S = 20.0
 AOF_FILE = "appendonly.aof"
 # What an earlier stack's Redis may have left in the state dir (appendonlydir: Redis >= 7).
 REDIS_DATA = (AOF_FILE, "appendonlydir", "dump.rdb")
+SERVICES = ("crm", "erp")  # the sample business systems, `python -m services NAME`
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class StackInfo:
     broker: ManagedProcess
     redis: ManagedProcess
     host: str
+    services: dict[str, ManagedProcess] = field(default_factory=dict, hash=False)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -62,9 +68,20 @@ class StackInfo:
     def redis_url(self) -> str:
         return f"redis://{self.host}:{self.redis.port}/0"
 
+    @property
+    def service_urls(self) -> dict[str, str]:
+        return {name: f"http://{self.host}:{proc.port}" for name, proc in self.services.items()}
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return [self.broker, self.redis, *self.services.values()]
+
     def env(self) -> dict[str, str]:
-        return {"AGENTFABRIC_BOOTSTRAP_SERVERS": self.bootstrap_servers,
-                "AGENTFABRIC_REDIS_URL": self.redis_url}
+        env = {"AGENTFABRIC_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+               "AGENTFABRIC_REDIS_URL": self.redis_url}
+        if self.services:
+            env["AGENTFABRIC_SERVICE_URLS"] = json.dumps(self.service_urls, separators=(",", ":"))
+        return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -137,6 +154,17 @@ def _ping_redis(host: str, port: int) -> bool:
         return False
 
 
+def _http_ok(host: str, port: int, path: str = "/healthz") -> bool:
+    conn = http.client.HTTPConnection(host, port, timeout=0.5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 def _accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -146,14 +174,17 @@ def _accepts(host: str, port: int) -> bool:
 
 
 class EmbeddedStack:
-    """Start and stop the embedded broker and Redis, tracked by pid in ``state_dir``."""
+    """Start and stop the embedded broker and Redis (and, optionally, the sample services),
+    tracked by pid in ``state_dir``."""
 
     def __init__(self, state_dir: Path, *, host: str = "127.0.0.1", broker_port: int = 19092,
-                 redis_port: int = 16379) -> None:
+                 redis_port: int = 16379, crm_port: int = 18081, erp_port: int = 18082,
+                 ) -> None:
         self.state_dir = state_dir
         self.host = host
         self.broker_port = broker_port
         self.redis_port = redis_port
+        self.service_ports = {"crm": crm_port, "erp": erp_port}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -166,38 +197,45 @@ class EmbeddedStack:
             info = self._read_state()
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if pid_alive(info.broker.pid, info.broker.binary) or pid_alive(info.redis.pid,
-                                                                        info.redis.binary):
+        if any(pid_alive(proc.pid, proc.binary) for proc in info.processes):
             return info
         return None
 
-    def start(self) -> StackInfo:
+    def start(self, *, services: bool = False) -> StackInfo:
+        """Start the broker and Redis, and with ``services`` the sample CRM and ERP too."""
         if (existing := self.running()) is not None:
             raise StackError(f"an embedded stack is already running (broker pid "
                              f"{existing.broker.pid}, redis pid {existing.redis.pid}); "
                              f"run `agentfabric down` first")
         _check_port(self.host, self.broker_port, "AGENTFABRIC_BROKER_PORT")
         _check_port(self.host, self.redis_port, "AGENTFABRIC_REDIS_PORT")
+        for name in SERVICES if services else ():
+            _check_port(self.host, self.service_ports[name], f"AGENTFABRIC_{name.upper()}_PORT")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         listener = f"tcp://{self.host}:{self.broker_port}"
-        broker, broker_popen = self._spawn("broker", broker_binary(), self.broker_port,
-                             ["broker", "--listener-url", listener,
-                              "--advertised-listener-url", listener,
-                              "--storage-engine", "memory://tansu/"])
+        started: list[tuple[ManagedProcess, subprocess.Popen[bytes], Callable[[], bool]]] = []
         try:
+            broker, popen = self._spawn("broker", broker_binary(), self.broker_port,
+                                        ["broker", "--listener-url", listener,
+                                         "--advertised-listener-url", listener,
+                                         "--storage-engine", "memory://tansu/"])
+            started.append((broker, popen, partial(_accepts, self.host, self.broker_port)))
             self._clear_redis_data()
-            redis, redis_popen = self._spawn_redis(self.host, self.redis_port)
+            redis, popen = self._spawn_redis(self.host, self.redis_port)
+            started.append((redis, popen, partial(_ping_redis, self.host, self.redis_port)))
+            for name in SERVICES if services else ():
+                port = self.service_ports[name]
+                proc, popen = self._spawn(name, sys.executable, port, [
+                    "-P", "-m", "services", name, "--host", self.host, "--port", str(port)])
+                started.append((proc, popen, partial(_http_ok, self.host, port)))
+            for proc, popen, probe in started:
+                self._wait_ready(proc, popen, probe)
         except BaseException:
-            self._terminate(broker)
+            for proc, _, _ in started:
+                self._terminate(proc)
             raise
-        info = StackInfo(broker=broker, redis=redis, host=self.host)
-        try:
-            self._wait_ready(broker, broker_popen, lambda: _accepts(self.host, self.broker_port))
-            self._wait_ready(redis, redis_popen, lambda: _ping_redis(self.host, self.redis_port))
-        except BaseException:
-            self._terminate(broker)
-            self._terminate(redis)
-            raise
+        info = StackInfo(broker=broker, redis=redis, host=self.host,
+                         services={proc.name: proc for proc, _, _ in started[2:]})
         self._write_state(info)
         return info
 
@@ -207,7 +245,7 @@ class EmbeddedStack:
             return []
         info = self._recorded()
         stopped = []
-        for proc in (info.broker, info.redis):
+        for proc in [*info.services.values(), info.broker, info.redis]:
             if self._terminate(proc):
                 stopped.append(proc)
         self.state_path.unlink(missing_ok=True)
@@ -237,7 +275,8 @@ class EmbeddedStack:
         except BaseException:
             self._terminate(redis)
             raise
-        self._write_state(StackInfo(broker=info.broker, redis=redis, host=info.host))
+        self._write_state(StackInfo(broker=info.broker, redis=redis, host=info.host,
+                                    services=info.services))
         return redis
 
     def _recorded(self) -> StackInfo:
@@ -253,11 +292,15 @@ class EmbeddedStack:
     def _read_state(self) -> StackInfo:
         data = json.loads(self.state_path.read_text())
         return StackInfo(broker=ManagedProcess(**data["broker"]),
-                         redis=ManagedProcess(**data["redis"]), host=data["host"])
+                         redis=ManagedProcess(**data["redis"]), host=data["host"],
+                         services={name: ManagedProcess(**proc)
+                                   for name, proc in data.get("services", {}).items()})
 
     def _write_state(self, info: StackInfo) -> None:
         text = json.dumps({"host": info.host, "broker": asdict(info.broker),
-                           "redis": asdict(info.redis)}, indent=2)
+                           "redis": asdict(info.redis),
+                           "services": {n: asdict(p) for n, p in info.services.items()}},
+                          indent=2)
         partial = self.state_path.with_suffix(".tmp")
         partial.write_text(text)
         partial.replace(self.state_path)  # atomic: `down` never reads half a file

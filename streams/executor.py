@@ -49,6 +49,8 @@ class Job:
     ``subject`` is the run envelope a dead letter of this record describes, if any;
     ``trace_parent`` is the W3C trace context the record carries; ``first_failure_ms``
     when the run first failed at this step (a retry) and ``due_ms`` when a held retry is due.
+    ``replay_of`` is the dead letter a replayed record came from; ``approval_of`` the
+    hand-off whose approval runs a step again (both are lineages: their own dedupe keys).
     """
 
     message: AvroModel
@@ -60,6 +62,7 @@ class Job:
     first_failure_ms: int | None = None
     due_ms: int | None = None
     replay_of: str | None = None
+    approval_of: str | None = None
 
 
 class Executor(Protocol):

@@ -6,9 +6,12 @@
     <prefix>.results.<workflow>    finished runs
     <prefix>.dlq                   dead letters
     <prefix>.approvals             runs handed to a person
+    <prefix>.decisions             people's decisions on them (and expiries): resume or end
     <prefix>.recordings            recorded steps of recorded runs (for replay)
+    <prefix>.audit                 one audit event per tool call (JSON, key: run id)
 
-One consumer group per step (named like its topic) and one for the router.
+One consumer group per step (named like its topic), one for the router, and one each for
+the approvals topic (registers hand-offs for listing and expiry) and the decisions topic.
 """
 
 from __future__ import annotations
@@ -55,12 +58,28 @@ class TopicNames:
         return f"{self.prefix}.approvals"
 
     @property
+    def decisions(self) -> str:
+        return f"{self.prefix}.decisions"
+
+    @property
     def recordings(self) -> str:
         return f"{self.prefix}.recordings"
 
     @property
+    def audit(self) -> str:
+        return f"{self.prefix}.audit"
+
+    @property
     def router_group(self) -> str:
         return f"{self.prefix}.router"
+
+    @property
+    def approvals_group(self) -> str:
+        return f"{self.prefix}.approvals"
+
+    @property
+    def decisions_group(self) -> str:
+        return f"{self.prefix}.decisions"
 
     def step_group(self, workflow: str, step: str) -> str:
         return self.step(workflow, step)

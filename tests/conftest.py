@@ -14,6 +14,8 @@ from agentfabric.settings import Settings
 from agents.loader import sample_workflows_dir
 from streams.embedded import EmbeddedStack, StackInfo, free_port, pid_alive
 
+from .servicefixture import RunningServices, running_services
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
@@ -74,3 +76,11 @@ def own_stack(tmp_path: Path) -> Iterator[tuple[EmbeddedStack, StackInfo]]:
         embedded.stop()
         for proc in (info.broker, info.redis, last.redis):
             assert not pid_alive(proc.pid, proc.binary)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServices]:
+    """The sample CRM and ERP as subprocesses on free ports: ``services.urls`` is
+    ``{"crm": url, "erp": url}``; each is stopped by its pid at the end (and checked gone)."""
+    with running_services(tmp_path_factory.mktemp("services")) as running:
+        yield running

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentfabric.errors import ExpressionSyntaxError, WorkflowError
+from agentfabric.errors import ExpressionSyntaxError, PermanentError, WorkflowError
 from agents.expr import Expression, compile_expression
 from agents.template import Template, TemplateSyntaxError, compile_template
 from schemas.models import StepMessage, Usage
+from tools.registry import ToolCall
 
 if TYPE_CHECKING:
     from agents.recording import ChatModel, KnowledgeSearch, ToolCaller
@@ -34,6 +35,7 @@ __all__ = [
     "StepOutcome",
     "StepSpec",
     "SubWorkflowCall",
+    "ToolCallLimitExceeded",
     "register_step_kind",
 ]
 
@@ -43,21 +45,52 @@ STEP_ID_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 
 @dataclass
 class StepContext:
-    """Everything a step may use for one message: the envelope, the scope, the tools."""
+    """Everything a step may use for one message: the envelope, the scope, the tools.
+
+    ``agent`` is the step's identity (``workflow.step``) and ``token`` its signed gateway
+    token (scoped to the tools the step declares). ``max_tool_calls_per_run`` caps the tool
+    calls of the whole run (those of earlier steps count, from the run's usage): a step that
+    would pass it raises :class:`ToolCallLimitExceeded`, and the engine ends the run."""
 
     message: StepMessage
     scope: dict[str, Any]
     tools: ToolCaller
     models: ChatModel | None = None
     knowledge: KnowledgeSearch | None = None
+    agent: str = ""
+    token: str = ""
+    max_tool_calls_per_run: int | None = None
+    tool_calls: int = 0
+    degraded: list[str] = field(default_factory=list)
+
+    def tool_call(self, tool: str, idempotency_key: str) -> ToolCall:
+        """The identity of one tool call of this step; counts it against the run's cap."""
+        used = self.message.usage.tool_calls + self.tool_calls
+        if self.max_tool_calls_per_run is not None and used >= self.max_tool_calls_per_run:
+            raise ToolCallLimitExceeded(
+                f"run {self.message.run_id} reached its cap of {self.max_tool_calls_per_run} "
+                f"tool calls (max_tool_calls_per_run) at step '{self.message.step}' and was "
+                f"stopped; raise the cap if the workflow really needs more")
+        self.tool_calls += 1
+        msg = self.message
+        return ToolCall(tool=tool, idempotency_key=idempotency_key, tenant=msg.tenant,
+                        run_id=msg.run_id, agent=self.agent, token=self.token,
+                        workflow=msg.workflow, step=msg.step, degraded=self.degraded)
+
+
+class ToolCallLimitExceeded(PermanentError):
+    """A run reached its cap on tool calls: the engine ends it with status
+    ``tool_call_limit`` and this reason as its result (a runaway is stopped, not retried)."""
 
 
 @dataclass(frozen=True)
 class HandOffRequest:
-    """The run goes to a person instead of on: why, and what kind of decision it needs."""
+    """The run goes to a person instead of on: why, and what kind of decision it needs;
+    unanswered, it expires after ``expires_s`` (default: the approval_expiry_s setting)."""
 
     kind: str
     reason: str
+    expires_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +121,7 @@ class StepOutcome:
     hand_off: HandOffRequest | None = None
     call: SubWorkflowCall | None = None
     fan_out: FanOut | None = None
+    degraded: list[str] = field(default_factory=list)
 
 
 class StepSpec(BaseModel):

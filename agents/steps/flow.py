@@ -5,8 +5,9 @@
 - ``parallel`` starts each of ``branches`` (a chain each, ending with ``next: <join>``) side
   by side; ``join`` runs once, when every branch has arrived, with all their outputs.
 - ``workflow`` starts another workflow with ``input`` and continues with its result.
-- ``approval`` parks the run on the approvals topic until a person decides; approved runs go
-  on, rejected ones go to ``on_reject`` (default: the run ends as rejected).
+- ``approval`` parks the run on the approvals topic until a person decides (``agentfabric
+  approvals``); approved runs go on, rejected ones go to ``on_reject`` (default: the run
+  ends as rejected); a request nobody answers within ``expires_s`` ends the run as expired.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ class ApprovalStep(StepSpec):
     reason: str = Field(min_length=1, description="Template: what the person decides.")
     approvers: list[str] = Field(default_factory=list, description="Who may decide (a hint).")
     on_reject: str = Field(default=END, description="Where a rejected run goes.")
+    expires_s: float | None = Field(
+        default=None, gt=0, le=90 * 86_400,
+        description="Seconds a request may wait for a decision; then the run ends as "
+                    "expired (default: the approval_expiry_s setting).")
     _reason: Template = PrivateAttr()
 
     def compile(self, base_dir: Path) -> None:
@@ -139,4 +144,4 @@ class ApprovalStep(StepSpec):
     async def run(self, ctx: StepContext) -> StepOutcome:
         reason = str(self._reason.render(ctx.scope))
         return StepOutcome({"reason": reason, "approvers": list(self.approvers)},
-                           hand_off=HandOffRequest("approval", reason))
+                           hand_off=HandOffRequest("approval", reason, self.expires_s))

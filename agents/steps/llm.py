@@ -18,11 +18,13 @@ import jsonschema
 import yaml
 from pydantic import Field, PrivateAttr, model_validator
 
-from agentfabric.errors import PermanentError, ToolError, WorkflowError
+from agentfabric.errors import PermanentError, ScopeError, ToolError, WorkflowError
 from agents.expr import Expression
 from agents.journal import request_digest
 from agents.models import ChatResult, tool_result_text
+from agents.recording import refuse
 from agents.template import Template
+from gateway.redact import sanitize_error
 from schemas.models import Usage
 from tools.registry import ToolCall
 
@@ -56,6 +58,10 @@ class LlmStep(StepSpec):
     output_schema: dict[str, Any] | None = None
     output_schema_file: str | None = None
     max_iterations: int = Field(default=10, ge=1, le=100)
+    max_tool_calls_per_turn: int = Field(
+        default=8, ge=1, le=128,
+        description="Tool calls one model turn may make; further calls of that turn are "
+                    "refused (the model is told why).")
     max_output_retries: int = Field(default=2, ge=0, le=10)
     _system: Template | None = PrivateAttr(default=None)
     _prompt: Template = PrivateAttr()
@@ -139,14 +145,21 @@ class LlmStep(StepSpec):
             usage += result.usage
             messages.append(result.message)
             if result.tool_calls:
-                usage += Usage(tool_calls=len(result.tool_calls))
-                for call in result.tool_calls:
-                    messages.append({"role": "tool", "tool_call_id": call.id, "content":
-                                     await self._call_tool(ctx, call, seen)})
+                before = ctx.tool_calls
+                for position, call in enumerate(result.tool_calls):
+                    answer = (await self._call_tool(ctx, call, seen)
+                              if position < self.max_tool_calls_per_turn else
+                              await self._refuse(ctx, call, (
+                                  f"at most {self.max_tool_calls_per_turn} tool calls per turn "
+                                  f"(max_tool_calls_per_turn); ask for the rest in your next "
+                                  f"turn")))
+                    messages.append({"role": "tool", "tool_call_id": call.id,
+                                     "content": answer})
+                usage += Usage(tool_calls=ctx.tool_calls - before)
                 continue
             problem, output = self._parse(result)
             if problem is None:
-                return StepOutcome(output=output, usage=usage)
+                return StepOutcome(output=output, usage=usage, degraded=list(ctx.degraded))
             output_failures += 1
             if output_failures > self.max_output_retries:
                 raise PermanentError(
@@ -164,25 +177,34 @@ class LlmStep(StepSpec):
 
     async def _call_tool(self, ctx: StepContext, call: Any, seen: dict[str, int]) -> str:
         if call.name not in self.tools:
-            return f"error: no tool named '{call.name}'; you may call: {', '.join(self.tools)}"
+            return await self._refuse(ctx, call, (
+                f"tool '{call.name}' is not one this step may call; you may call: "
+                f"{', '.join(self.tools) or 'no tools'}"))
         try:
             arguments = json.loads(call.arguments or "{}")
         except json.JSONDecodeError as exc:
             return f"error: the arguments are not JSON ({exc}); send a JSON object"
         if not isinstance(arguments, dict):
             return "error: the arguments must be a JSON object"
-        msg = ctx.message
         # stable across re-runs of the same call (the model's call ids and the call's
         # position in its turn are not): step visit + tool + arguments + repeat count
         what = request_digest(call.name, arguments)[:16]
         seen[what] = seen.get(what, 0) + 1
-        identity = ToolCall(tool=call.name, tenant=msg.tenant, run_id=msg.run_id,
-                            idempotency_key=f"{msg.idempotency_key}:tool:{call.name}:{what}:"
-                                            f"{seen[what]}")
+        identity = ctx.tool_call(call.name, f"{ctx.message.idempotency_key}:tool:{call.name}:"
+                                            f"{what}:{seen[what]}")
         try:
             return tool_result_text(await ctx.tools.call(call.name, arguments, identity))
-        except ToolError as exc:  # fed back: the model can correct its call
-            return f"error: {exc.reason}"
+        except (ToolError, ScopeError) as exc:  # fed back: the model can correct its call
+            return f"error: {sanitize_error(exc.reason)}"
+
+    async def _refuse(self, ctx: StepContext, call: Any, reason: str) -> str:
+        """A call the step will not make: audited as refused, and the model is told why."""
+        identity = ToolCall(tool=call.name, idempotency_key=f"{ctx.message.idempotency_key}:"
+                            f"refused:{call.name}", tenant=ctx.message.tenant,
+                            run_id=ctx.message.run_id, agent=ctx.agent,
+                            workflow=ctx.message.workflow, step=ctx.message.step)
+        await refuse(ctx.tools, call.name, call.arguments or "", identity, reason)
+        return f"error: refused: {reason}"
 
     def _parse(self, result: ChatResult) -> tuple[str | None, Any]:
         content = result.content or ""

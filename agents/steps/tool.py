@@ -11,7 +11,6 @@ from pydantic import Field, PrivateAttr
 from agents.expr import Expression
 from agents.template import Template
 from schemas.models import Usage
-from tools.registry import ToolCall
 
 from .base import StepContext, StepOutcome, StepSpec, register_step_kind
 
@@ -34,8 +33,7 @@ class ToolStep(StepSpec):
         yield self.tool
 
     async def run(self, ctx: StepContext) -> StepOutcome:
-        msg = ctx.message
-        call = ToolCall(tool=self.tool, idempotency_key=msg.idempotency_key, tenant=msg.tenant,
-                        run_id=msg.run_id)
+        call = ctx.tool_call(self.tool, ctx.message.idempotency_key)
         result = await ctx.tools.call(self.tool, self._args.render(ctx.scope), call)
-        return StepOutcome(output=result, usage=Usage(tool_calls=1))
+        return StepOutcome(output=result, usage=Usage(tool_calls=1),
+                           degraded=list(ctx.degraded))

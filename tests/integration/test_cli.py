@@ -43,14 +43,18 @@ def test_help_lists_the_commands() -> None:
 
 def test_up_and_down_manage_exactly_their_processes(tmp_path: Path) -> None:
     env = {"AGENTFABRIC_STATE_DIR": str(tmp_path), "AGENTFABRIC_BROKER_PORT": str(free_port()),
-           "AGENTFABRIC_REDIS_PORT": str(free_port())}
+           "AGENTFABRIC_REDIS_PORT": str(free_port()), "AGENTFABRIC_CRM_PORT": str(free_port()),
+           "AGENTFABRIC_ERP_PORT": str(free_port())}
     up = cli("up", env=env)
     assert up.returncode == 0, up.stderr
     state = json.loads((tmp_path / "stack.json").read_text())
     broker, redis = state["broker"], state["redis"]
+    services = state["services"]
     try:
         assert pid_alive(broker["pid"], broker["binary"])
         assert pid_alive(redis["pid"], redis["binary"])
+        for proc in services.values():
+            assert pid_alive(proc["pid"], proc["binary"])
         assert f"export AGENTFABRIC_BOOTSTRAP_SERVERS=127.0.0.1:{broker['port']}" in up.stdout
         again = cli("up", env=env)
         assert again.returncode == 1
@@ -61,6 +65,8 @@ def test_up_and_down_manage_exactly_their_processes(tmp_path: Path) -> None:
     assert f"stopped broker (pid {broker['pid']})" in down.stdout
     assert not pid_alive(broker["pid"], broker["binary"])
     assert not pid_alive(redis["pid"], redis["binary"])
+    for proc in services.values():
+        assert not pid_alive(proc["pid"], proc["binary"])
     assert cli("down", env=env).stdout.startswith("nothing to stop")
 
 
@@ -71,7 +77,9 @@ def test_port_in_use_names_the_port_and_the_setting(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         result = cli("up", env={"AGENTFABRIC_STATE_DIR": str(tmp_path),
                                 "AGENTFABRIC_BROKER_PORT": str(port),
-                                "AGENTFABRIC_REDIS_PORT": str(free_port())})
+                                "AGENTFABRIC_REDIS_PORT": str(free_port()),
+                                "AGENTFABRIC_CRM_PORT": str(free_port()),
+                                "AGENTFABRIC_ERP_PORT": str(free_port())})
     assert result.returncode == 2
     assert f"port {port} on 127.0.0.1 is already in use; set AGENTFABRIC_BROKER_PORT" in \
         result.stderr.replace("\n", " ")

@@ -169,7 +169,7 @@ def test_calling_an_unknown_workflow_is_a_config_error() -> None:
 
 @pytest.mark.parametrize(("approved", "status", "output"), [
     (True, "completed", {"paid": 900}),
-    (False, "rejected", {"approved": False, "by": "bob", "comment": "no"}),
+    (False, "rejected", {"status": "rejected", "step": "ok", "reason": "no", "by": "bob"}),
 ])
 async def test_approval_parks_the_run_until_a_decision(engine: Engine, approved: bool,
                                                        status: str, output: Any) -> None:

@@ -126,7 +126,7 @@ def test_event_id_defaults_to_a_content_hash() -> None:
     (b"x", [(SCHEMA_HEADER, b"run_result.v1")], DecodeError,
      "expected a step_message message but its header says 'run_result.v1'"),
     (b"x", [(SCHEMA_HEADER, b"step_message.v9")], DecodeError,
-     "schema 'step_message.v9' is not known to this worker (it knows versions [1, 2, 3, 4])"),
+     "schema 'step_message.v9' is not known to this worker (it knows versions [1, 2, 3, 4, 5])"),
     (b"\xff\xff\xff", [(SCHEMA_HEADER, b"step_message.v2")], DecodeError,
      "the bytes are not a valid 'step_message.v2' record"),
     (None, [(SCHEMA_HEADER, b"step_message.v2")], DecodeError, "the message has no value"),

@@ -18,8 +18,8 @@ from schemas.serde import decode, validation_reason
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_topic
 from streams.topics import TopicNames, apply_topics
-from tools import default_registry
 from tools.knowledge import KnowledgeBase
+from tools.registry import ToolRegistry
 
 from .errors import ConfigError, MessageValidationError
 from .settings import Settings
@@ -81,13 +81,21 @@ def build_knowledge(settings: Settings, models: ModelClient | None = None) -> Kn
     return KnowledgeBase(store, embedder)
 
 
-def build_engine(settings: Settings, models: ModelClient | None = None) -> Engine:
-    """The engine for the configured workflows, tools, model registry and knowledge bases."""
+def build_engine(settings: Settings, models: ModelClient | None = None, *,
+                 tools: ToolRegistry | None = None) -> Engine:
+    """The engine for the configured workflows, model registry and knowledge bases, calling
+    tools through the gateway (the catalog of ``settings``, plus the Python tools of
+    ``tools``). Its gateway keeps state in-process until a worker connects it to Redis and
+    Kafka (``Worker.run``)."""
+    from gateway.pipeline import load_catalog, local_gateway
+
     models = models or build_models(settings)
-    return Engine(load_workflows(settings.workflows_dir), default_registry(), models=models,
+    gateway = local_gateway(settings, load_catalog(settings, tools))
+    return Engine(load_workflows(settings.workflows_dir), gateway, models=models,
                   knowledge=build_knowledge(settings, models),
                   max_steps_per_run=settings.max_steps_per_run, record_all=settings.record_runs,
-                  tool_timeout_s=settings.tool_timeout_s)
+                  tool_timeout_s=settings.tool_timeout_s, tokens=gateway.identity,
+                  max_tool_calls_per_run=settings.max_tool_calls_per_run)
 
 
 def required_topics(workflows: WorkflowSet, names: TopicNames,

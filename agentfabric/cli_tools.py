@@ -77,12 +77,10 @@ def tools_list(
 ) -> None:
     """The declared tools: access, scopes, rate limit, breaker (and its current state, read
     from Redis when it is reachable), approval, fallback, where each is declared."""
-    from gateway.catalog import Catalog
-    from tools import default_registry
+    from gateway.pipeline import load_catalog
 
     s = settings_()
-    catalog = Catalog.load(s)
-    catalog.add_registry(default_registry())
+    catalog = load_catalog(s)
     states = None if no_state else run(_breaker_states(s))
     if states is None and not no_state:
         err.print(f"Redis at {s.secret_free_redis_url} is not reachable: breaker states "

@@ -1,9 +1,10 @@
 """``agentfabric demo``: the whole fabric on the embedded stack, start to finish.
 
-Starts the broker and Redis (or uses the ones `agentfabric up` started) and the local
-scripted model server, ingests the sample account knowledge base, provisions the topics,
-runs a worker, publishes the sample CRM leads and ERP invoices plus one malformed event,
-waits for every result, prints them, and stops what it started.
+Starts the broker, Redis and the sample CRM and ERP services (or uses the ones
+`agentfabric up` started) and the local scripted model server, ingests the sample account
+knowledge base, provisions the topics, runs a worker, publishes the sample CRM leads and ERP
+invoices plus one malformed event, waits for every result, prints them with one line per tool
+the gateway called (calls, failures, breaker state), and stops what it started.
 """
 
 from __future__ import annotations
@@ -55,23 +56,29 @@ def sample_events() -> dict[str, list[TriggerEvent]]:
 
 async def run_demo(settings: Settings, out: Console, *, keep: bool = False) -> int:
     stack = EmbeddedStack(settings.state_dir, host=settings.broker_host,
-                          broker_port=settings.broker_port, redis_port=settings.redis_port)
+                          broker_port=settings.broker_port, redis_port=settings.redis_port,
+                          crm_port=settings.crm_port, erp_port=settings.erp_port)
     started = stack.running() is None
     if started:
-        info = stack.start()
+        info = stack.start(services=True)
         out.print(f"started the embedded broker (pid {info.broker.pid}, "
                   f"{info.bootstrap_servers}) and Redis (pid {info.redis.pid}, {info.redis_url})")
+        for name, proc in info.services.items():
+            out.print(f"started the sample {name.upper()} service (pid {proc.pid}, "
+                      f"{info.service_urls[name]})")
     else:
         info = stack.running()  # type: ignore[assignment]
         out.print("using the embedded stack that `agentfabric up` started")
     s = settings.model_copy(update={"bootstrap_servers": info.bootstrap_servers,
-                                    "redis_url": info.redis_url})
+                                    "redis_url": info.redis_url,
+                                    "service_urls": {**settings.service_urls,
+                                                     **info.service_urls}})
     try:
         return await _run(s, out)
     finally:
         if started and not keep:
             stack.stop()
-            out.print("stopped the embedded broker and Redis")
+            out.print("stopped the embedded broker, Redis and the sample services")
 
 
 async def _run(s: Settings, out: Console) -> int:
@@ -110,7 +117,10 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
     created = await provision(s, engine)
     out.print(f"provisioned {len(created)} topics ({s.partitions} partitions each)")
     async with background_worker(s, engine) as worker:
-        out.print(f"worker ready: router + {len(worker.consumers) - 1} step consumers")
+        steps = sum(1 for c in worker.consumers
+                    if c.name not in ("router", "retry", "approvals", "decisions"))
+        out.print(f"worker ready: router + {steps} step consumers (+ retry, approvals and "
+                  f"decisions)")
         t0 = time.monotonic()
         expected: dict[str, set[str]] = {}
         for source, batch in events.items():
@@ -131,7 +141,16 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
         out.print(dead_letters_table(letters))
         total = sum(len(r) for r in results.values())
         out.print(f"{total} runs completed in {elapsed:.2f}s; {len(letters)} dead letter(s)")
+        out.print("tool gateway (calls, failures, breaker):")
+        for line in _tool_lines(engine):
+            out.print(f"  {line}", highlight=False)
         return 0
+
+
+def _tool_lines(engine: Engine) -> list[str]:
+    from gateway.pipeline import Gateway
+
+    return engine.tools.summary() if isinstance(engine.tools, Gateway) else []
 
 
 async def _publish_malformed(s: Settings, names: TopicNames) -> None:

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
         description="Delays of the retry tiers, as a JSON list of seconds: after failed "
                     "attempt n a run waits on tier n (the last tier repeats) on its own "
                     "retry topic, so the step's topic never waits.")
+    max_tool_calls_per_run: int = Field(
+        default=50, ge=1, le=100_000,
+        description="Tool calls one run may make in all; a run that would make more is "
+                    "ended with status tool_call_limit (a runaway agent is stopped).")
     max_steps_per_run: int = Field(default=100, ge=1, le=10_000,
                                    description="A run that executes more steps is dead-lettered "
                                                "(runaway loop guard).")

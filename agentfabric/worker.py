@@ -13,13 +13,19 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agents.engine import Engine
+from gateway.audit import KafkaAuditSink
+from gateway.breaker import RedisBreakers
+from gateway.pipeline import Gateway, redis_prefix
+from gateway.ratelimit import RedisRateLimiter
 from streams.batching import PipelinedRedis, redis_unavailable
 from streams.consumer import StepConsumer
 from streams.joins import RedisJoinStore
 from streams.journal import RedisJournal
+from streams.kafka import Producer
 from streams.runtime import Runtime
+from streams.topics import TopicNames
 
-from .approvals import ApprovalStore, DecisionPublisher, sweep
+from .approvals import ApprovalStore, DecisionPublisher, RedisApprovalGrants, sweep
 from .errors import StackError
 from .executors import approval_executors, executors_for
 from .settings import Settings
@@ -99,9 +105,27 @@ class Worker:
         if knowledge is not None and any(step.uses_knowledge() for step in steps):
             await knowledge.embedder.embed(["warm-up"])
 
+    async def _connect_gateway(self, redis: Redis, stack: contextlib.AsyncExitStack) -> None:
+        """Give the engine's tool gateway its shared state: rate limits, breakers and
+        approval grants in Redis, audit events on the audit topic (its own producer)."""
+        gateway = self.engine.tools
+        if not isinstance(gateway, Gateway):
+            return  # a plain registry (tests): nothing shared to connect
+        producer = Producer(self.settings, client_id="agentfabric-audit")
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        prefix = self.settings.topic_prefix
+        gateway.connect(
+            rate_limiter=RedisRateLimiter(redis, prefix=redis_prefix(self.settings, "rl")),
+            breakers=RedisBreakers(redis, prefix=redis_prefix(self.settings, "cb")),
+            audit=KafkaAuditSink(producer, TopicNames(prefix).audit),
+            grants=RedisApprovalGrants(redis, prefix))
+        stack.push_async_callback(gateway.close)  # flushes the audit events first
+
     async def run(self, stop: asyncio.Event) -> None:
         await self._warm_up()
         redis = await connect_redis(self.settings)
+        stack = contextlib.AsyncExitStack()
         try:
             self.engine.joins = RedisJoinStore(redis, self.settings.topic_prefix,
                                                self.settings.idempotency_ttl_s)
@@ -112,6 +136,7 @@ class Worker:
             approvals = ApprovalStore(shared, self.settings.topic_prefix,
                                       self.settings.idempotency_ttl_s,
                                       self.settings.approval_expiry_s)
+            await self._connect_gateway(redis, stack)
             self.runtime = Runtime(self.settings, [
                 *executors_for(self.engine, self.settings, self.selected, router=self.router),
                 *approval_executors(self.engine, self.settings, approvals)], shared)
@@ -128,6 +153,7 @@ class Worker:
                 await asyncio.gather(announce, sweeper, return_exceptions=True)
                 await publisher.close()
         finally:
+            await stack.aclose()
             await redis.aclose()
             if self.engine.models is not None:
                 await self.engine.models.close()

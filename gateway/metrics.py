@@ -64,6 +64,7 @@ class GatewayMetrics:
             calls = sum(outcomes.values())
             failures = sum(n for outcome, n in outcomes.items() if outcome not in _OK)
             detail = ", ".join(f"{outcome} {n}" for outcome, n in sorted(outcomes.items()))
-            lines.append(f"{tool}: {calls} calls, {failures} failed, breaker "
+            plural = "call" if calls == 1 else "calls"
+            lines.append(f"{tool}: {calls} {plural}, {failures} failed, breaker "
                          f"{self.breaker_of(tool)}" + (f" ({detail})" if detail else ""))
         return lines

@@ -83,7 +83,7 @@ if TYPE_CHECKING:
     from streams.kafka import Producer
 
 __all__ = ["ApprovalGrants", "Gateway", "MemoryApprovalGrants", "ToolInfo", "ToolTimeoutError",
-           "build_gateway", "redis_prefix", "sanitize_error"]
+           "build_gateway", "load_catalog", "local_gateway", "redis_prefix", "sanitize_error"]
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +118,37 @@ class Gateway:
         self.require_token = require_token
         for spec in catalog.specs():
             self.http.check(spec)
-        compiled = {spec.name: compile_spec(spec) for spec in catalog.specs()}
+        self._compiled = {spec.name: compile_spec(spec) for spec in catalog.specs()}
+        self._default_timeout_s, self._sleep, self._jitter = default_timeout_s, sleep, jitter
+        self.rate_limiter, self.breakers = rate_limiter, breakers
+        self.grants: ApprovalGrants = grants if grants is not None else MemoryApprovalGrants()
+        self._build()
+
+    def _build(self) -> None:
         stages: list[Stage] = [
-            self._audit, Result(), VerifyIdentity(identity, require_token), CheckScope(),
-            ValidateArguments(compiled, catalog),
-            CheckApproval(compiled, grants if grants is not None else MemoryApprovalGrants()),
-            Fallback(catalog, lambda: self._fallback_chain), Retry(sleep, jitter),
-            RateLimit(rate_limiter, self.metrics), Breaker(breakers, self.metrics),
-            Timeout(default_timeout_s)]
-        invoke = Invoke(catalog, self.http)
+            self._audit, Result(), VerifyIdentity(self.identity, self.require_token),
+            CheckScope(), ValidateArguments(self._compiled, self.catalog),
+            CheckApproval(self._compiled, self.grants),
+            Fallback(self.catalog, lambda: self._fallback_chain), Retry(self._sleep, self._jitter),
+            RateLimit(self.rate_limiter, self.metrics), Breaker(self.breakers, self.metrics),
+            Timeout(self._default_timeout_s)]
+        invoke = Invoke(self.catalog, self.http)
         self._chain = chain(stages, invoke)
         # a fallback tool is allowed because the primary was; its own fallback is not followed
         skip = (VerifyIdentity, CheckScope, Fallback)
         self._fallback_chain = chain([s for s in stages if not isinstance(s, skip)], invoke)
+
+    def connect(self, *, rate_limiter: RateLimiter | None = None,
+                breakers: Breakers | None = None, audit: AuditSink | None = None,
+                grants: ApprovalGrants | None = None) -> None:
+        """Swap in the shared state a worker has once it is connected (Redis rate limits,
+        breakers and approval grants; the Kafka audit sink). An engine built for a command
+        that runs no tools keeps the in-process defaults."""
+        self.rate_limiter = rate_limiter or self.rate_limiter
+        self.breakers = breakers or self.breakers
+        self.audit = audit or self.audit
+        self.grants = grants or self.grants
+        self._build()
 
     # ------------------------------------------------------------ ToolCaller
 
@@ -234,22 +252,41 @@ def redis_prefix(settings: Settings, kind: str) -> str:
     return f"{settings.topic_prefix}:gw:{kind}"
 
 
+def load_catalog(settings: Settings, registry: ToolRegistry | None = None) -> Catalog:
+    """The catalog of ``settings`` (shipped YAML, ``tools_dirs``, ``tool_modules``, entry
+    points), plus the Python tools of ``registry`` (e.g. a test's or an embedding app's)."""
+    catalog = Catalog.load(settings)
+    if registry is not None:
+        catalog.add_registry(registry)
+    catalog.check()
+    return catalog
+
+
+def local_gateway(settings: Settings, catalog: Catalog) -> Gateway:
+    """A gateway with in-process state (rate limits, breakers, grants) and audit events in
+    the log: what an engine gets until a worker ``connect``s it to Redis and Kafka."""
+    from .breaker import MemoryBreakers
+    from .ratelimit import MemoryRateLimiter
+
+    return Gateway(catalog, Identity.from_settings(settings, catalog),
+                   rate_limiter=MemoryRateLimiter(), breakers=MemoryBreakers(),
+                   audit=LogAuditSink(), http=HttpTools(settings.service_urls),
+                   default_timeout_s=settings.tool_timeout_s)
+
+
 def build_gateway(settings: Settings, redis: Redis, producer: Producer | None,
                   registry: ToolRegistry | None = None, *,
                   metrics_registry: CollectorRegistry | None = None,
                   grants: ApprovalGrants | None = None, catalog: Catalog | None = None,
                   require_token: bool = True) -> Gateway:
     """The production gateway: the catalog of ``settings`` (plus the Python tools of
-    ``registry``; None: the shipped connectors, ``tools.default_registry()``), rate limits
+    ``registry``, if given), rate limits
     and breakers in ``redis``, audit events on ``<prefix>.audit`` through ``producer`` (or
     the log, without one), tokens signed with ``gateway_secret``."""
     from streams.topics import TopicNames
-    from tools import default_registry
 
     if catalog is None:
-        catalog = Catalog.load(settings)
-        catalog.add_registry(registry if registry is not None else default_registry())
-        catalog.check()
+        catalog = load_catalog(settings, registry)
     audit: AuditSink = LogAuditSink() if producer is None else \
         KafkaAuditSink(producer, TopicNames(settings.topic_prefix).audit)
     return Gateway(catalog, Identity.from_settings(settings, catalog),

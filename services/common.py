@@ -17,7 +17,8 @@ import asyncio
 import csv
 import errno
 import re
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -48,6 +49,7 @@ TENANT_HEADER = "X-Tenant"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 DEFAULT_TENANT = "default"
 CONTROL_ROUTES = frozenset({"/healthz", "/_stats", "/_faults", "/_reset"})
+MAX_ARRIVALS = 10_000  # arrival times kept per tenant
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 
@@ -88,11 +90,19 @@ class Stats:
     applied: int = 0
     repeats: int = 0
     by_tenant: Counter[str] = field(default_factory=Counter)
+    # per tenant, the arrival time (Unix seconds) of each counted request: what a test of a
+    # rate limit reads (the last MAX_ARRIVALS per tenant)
+    arrivals: dict[str, deque[float]] = field(default_factory=dict)
+
+    def arrived(self, tenant: str) -> None:
+        self.by_tenant[tenant] += 1
+        self.arrivals.setdefault(tenant, deque(maxlen=MAX_ARRIVALS)).append(time.time())
 
     def as_json(self) -> dict[str, Any]:
         return {"calls": dict(self.calls), "statuses": dict(self.statuses),
                 "applied": self.applied, "repeats": self.repeats,
-                "by_tenant": dict(self.by_tenant)}
+                "by_tenant": dict(self.by_tenant),
+                "arrivals": {tenant: list(times) for tenant, times in self.arrivals.items()}}
 
 
 @dataclass
@@ -230,7 +240,7 @@ async def _pipeline(request: web.Request, handler: _Handler) -> web.StreamRespon
     response: web.StreamResponse
     try:
         if counted:
-            state.stats.by_tenant[tenant_of(request)] += 1
+            state.stats.arrived(tenant_of(request))
             fault = state.take_fault(str(route))
             if fault is not None:
                 if fault.latency_ms:

@@ -41,14 +41,17 @@ def rules_workflows(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(stack: StackInfo, rules_workflows: Path,
+def settings(stack: StackInfo, services: RunningServices, rules_workflows: Path,
              monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings for one test: the session stack, a topic prefix of its own."""
-    for var in ("AGENTFABRIC_BOOTSTRAP_SERVERS", "AGENTFABRIC_REDIS_URL"):
+    """Settings for one test: the session stack and sample services, a topic prefix of its
+    own (the services keep their data per tenant and idempotency key, so tests do not meet)."""
+    for var in ("AGENTFABRIC_BOOTSTRAP_SERVERS", "AGENTFABRIC_REDIS_URL",
+                "AGENTFABRIC_SERVICE_URLS"):
         monkeypatch.delenv(var, raising=False)
     return Settings(bootstrap_servers=stack.bootstrap_servers, redis_url=stack.redis_url,
                     topic_prefix=f"t{uuid.uuid4().hex[:10]}", partitions=3,
-                    fetch_max_wait_ms=10, workflows_dir=rules_workflows)
+                    fetch_max_wait_ms=10, workflows_dir=rules_workflows,
+                    service_urls=services.urls)
 
 
 @pytest.fixture

@@ -1,15 +1,7 @@
-"""Tools: the registry every tool call goes through, and the sample CRM/ERP connectors."""
+"""Tools: the in-process tool registry (Python tools with validated arguments) and the
+knowledge base. The tool gateway (``gateway``) wraps every tool call; the shipped catalog of
+HTTP tools for the sample CRM and ERP services is ``tools/catalog``."""
 
 from .registry import Tool, ToolCall, ToolRegistry
 
-__all__ = ["Tool", "ToolCall", "ToolRegistry", "default_registry"]
-
-
-def default_registry() -> ToolRegistry:
-    """A registry holding the shipped sample connectors."""
-    from .connectors import accounts, erp
-
-    registry = ToolRegistry()
-    accounts.register(registry)
-    erp.register(registry)
-    return registry
+__all__ = ["Tool", "ToolCall", "ToolRegistry"]

@@ -57,7 +57,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         value = getattr(settings, name)
         if value is None or value == info.get_default(call_default_factory=True):
             continue
-        text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        text = json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
         env[f"AGENTFABRIC_{name.upper()}"] = text
     env.update(extra)
     return env

@@ -24,13 +24,13 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel
 
-from agentfabric.app import build_knowledge, build_models, setup_logging
+from agentfabric.app import build_engine as app_build_engine
+from agentfabric.app import setup_logging
 from agentfabric.errors import AgentFabricError, ToolError, TransientError
 from agentfabric.settings import Settings, load_settings
 from agentfabric.worker import Worker
 from agents.engine import Engine
-from agents.loader import load_workflows
-from tools import ToolCall, ToolRegistry, default_registry
+from tools import ToolCall, ToolRegistry
 
 __all__ = ["IDEMPOTENCY_HEADER", "SERVICE_ENV", "Apply", "HttpApplyTool", "build_engine",
            "main"]
@@ -78,14 +78,11 @@ class HttpApplyTool:
 
 
 def build_engine(settings: Settings, tool: HttpApplyTool) -> Engine:
-    """``agentfabric.app.build_engine`` with ``faults.apply`` added to the tools."""
-    tools: ToolRegistry = default_registry()
+    """``agentfabric.app.build_engine`` with ``faults.apply`` added to the tools (a Python
+    tool, called through the tool gateway like every other)."""
+    tools = ToolRegistry()
     tools.register("faults.apply", Apply, "Apply a side effect once per idempotency key.")(tool)
-    models = build_models(settings)
-    return Engine(load_workflows(settings.workflows_dir), tools, models=models,
-                  knowledge=build_knowledge(settings, models),
-                  max_steps_per_run=settings.max_steps_per_run,
-                  record_all=settings.record_runs, tool_timeout_s=settings.tool_timeout_s)
+    return app_build_engine(settings, tools=tools)
 
 
 async def _report(worker: Worker) -> None:

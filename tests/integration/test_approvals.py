@@ -38,7 +38,7 @@ from streams.batching import PipelinedRedis
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_until
 from streams.topics import TopicNames
-from tools import default_registry
+from tests.faketools import sample_tools
 from tools.registry import ToolCall, ToolRegistry
 
 from .helpers import collect_results
@@ -120,7 +120,7 @@ async def test_approve_resumes_a_parked_run_and_a_second_decision_is_refused(
     env = settings_env(s)
     first, second = event("payout", 1, amount=900), event("payout", 2, amount=1200)
     runs = [run_id_for(e, "payout") for e in (first, second)]
-    engine = Engine(load_workflows(s.workflows_dir), default_registry())
+    engine = Engine(load_workflows(s.workflows_dir), sample_tools())
     async with worker_for(s, engine):
         await publish(s, first, second)
         parked = await hand_offs(s, 2)
@@ -162,7 +162,7 @@ async def test_reject_ends_the_run_with_the_reason_on_its_result(
     payout = event("payout", 3, amount=50_000)
     run = run_id_for(payout, "payout")
     env = settings_env(s)
-    engine = Engine(load_workflows(s.workflows_dir), default_registry())
+    engine = Engine(load_workflows(s.workflows_dir), sample_tools())
     async with worker_for(s, engine):
         await publish(s, payout)
         await hand_offs(s, 1)
@@ -185,7 +185,7 @@ async def test_a_request_nobody_answers_expires_and_cannot_be_approved_after(
     s = flow_settings
     hurry = event("hurry", 1)
     run = run_id_for(hurry, "hurry")
-    engine = Engine(load_workflows(s.workflows_dir), default_registry())
+    engine = Engine(load_workflows(s.workflows_dir), sample_tools())
     async with worker_for(s, engine):
         await publish(s, hurry)
         [hand_off] = await hand_offs(s, 1)
@@ -209,7 +209,7 @@ async def test_deciding_an_overdue_request_ends_it_as_expired(
     """No worker runs (nobody sweeps): `approve` finds the request on the topic, sees it
     is past its expiry, and ends it as expired instead."""
     s = flow_settings
-    engine = Engine(load_workflows(s.workflows_dir), default_registry())
+    engine = Engine(load_workflows(s.workflows_dir), sample_tools())
     await provision(s, engine)
     [message] = engine.start(event("hurry", 2))
     [hand_off] = (await engine.run_step(message)).emitted
@@ -232,7 +232,7 @@ async def test_deciding_an_overdue_request_ends_it_as_expired(
 async def test_concurrent_deciders_one_wins(flow_settings: Settings,
                                             redis_client: Redis) -> None:
     s = flow_settings
-    engine = Engine(load_workflows(s.workflows_dir), default_registry())
+    engine = Engine(load_workflows(s.workflows_dir), sample_tools())
     await provision(s, engine)
     [message] = engine.start(event("payout", 9, amount=10))
     [hand_off] = (await engine.run_step(message)).emitted
@@ -259,7 +259,7 @@ async def test_a_decision_recorded_but_not_published_is_published_by_the_sweeper
         flow_settings: Settings, redis_client: Redis) -> None:
     """A crash between recording a decision and publishing it loses nothing."""
     s = flow_settings
-    engine = Engine(load_workflows(s.workflows_dir), default_registry())
+    engine = Engine(load_workflows(s.workflows_dir), sample_tools())
     await provision(s, engine)
     [message] = engine.start(event("payout", 10, amount=10))
     [hand_off] = (await engine.run_step(message)).emitted
@@ -331,7 +331,7 @@ async def test_a_tool_call_needing_approval_parks_and_runs_once_approved(
 async def test_a_run_waiting_on_two_requests_is_decided_by_hand_off_id(
         flow_settings: Settings, redis_client: Redis) -> None:
     s = flow_settings
-    engine = Engine(load_workflows(s.workflows_dir), default_registry())
+    engine = Engine(load_workflows(s.workflows_dir), sample_tools())
     await provision(s, engine)
     [message] = engine.start(event("dual", 1))
     store = ApprovalStore(PipelinedRedis(redis_client), s.topic_prefix, s.idempotency_ttl_s,

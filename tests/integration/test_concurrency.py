@@ -29,7 +29,8 @@ from schemas.models import TriggerEvent
 from streams.consumer import StepConsumer
 from streams.reader import read_topic
 from streams.topics import TopicNames
-from tools import ToolCall, default_registry
+from tests.faketools import sample_tools
+from tools import ToolCall
 
 from .helpers import collect_dead_letters, collect_results
 
@@ -86,7 +87,7 @@ async def test_500_runs_on_one_partition_overlap_and_keep_each_run_in_order(
         "workflows_dir": write_workflows(tmp_path / "workflows", PACED), "partitions": 1})
     assert one.max_in_flight == 64
     naps = Naps()
-    tools = default_registry()
+    tools = sample_tools()
     tools.register("test.nap", Nap)(naps)
     engine = Engine(load_workflows(one.workflows_dir), tools,
                     tool_timeout_s=one.tool_timeout_s)
@@ -245,7 +246,7 @@ async def test_a_step_that_hangs_past_its_timeout_blocks_no_one_and_no_commit_pa
         "partitions": 1, "max_attempts": 1, "revoke_timeout_s": 2.0})
     names = TopicNames(one.topic_prefix)
     blocker = Blocker()
-    tools = default_registry()
+    tools = sample_tools()
     tools.register("test.block", Block)(blocker)
     engine = Engine(load_workflows(one.workflows_dir), tools, tool_timeout_s=one.tool_timeout_s)
     await provision(one, engine)

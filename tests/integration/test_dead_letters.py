@@ -62,7 +62,7 @@ EXPECTED_REASONS = {
     b"unknown-workflow": ("UnknownWorkflowError", "workflow 'no_such_workflow' is not loaded"),
     b"r-1": ("UnknownWorkflowError", "workflow 'no_such_workflow' is not loaded"),
     b"r-2": ("UnknownStepError", "has no step 'no_such_step'"),
-    b"bad-tool-args": ("ToolError", "tool 'invoices.validate' rejected its arguments"),
+    b"bad-tool-args": ("ToolArgumentsError", "tool 'erp.validate_invoice' rejected its arguments"),
 }
 
 

@@ -21,7 +21,9 @@ def test_demo_prints_every_result_and_cleans_up(tmp_path: Path) -> None:
            "AGENTFABRIC_STATE_DIR": str(tmp_path / "state"),
            "AGENTFABRIC_VECTOR_DIR": str(tmp_path / "vectors"),
            "AGENTFABRIC_BROKER_PORT": str(free_port()),
-           "AGENTFABRIC_REDIS_PORT": str(free_port())}
+           "AGENTFABRIC_REDIS_PORT": str(free_port()),
+           "AGENTFABRIC_CRM_PORT": str(free_port()),
+           "AGENTFABRIC_ERP_PORT": str(free_port())}
     spawned: list[int] = []
     proc = subprocess.Popen([sys.executable, "-m", "agentfabric", "demo", "--keep"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -34,7 +36,8 @@ def test_demo_prints_every_result_and_cleans_up(tmp_path: Path) -> None:
         state = tmp_path / "state" / "stack.json"
         if state.exists():  # --keep left the stack up so that we can check what ran
             data = json.loads(state.read_text())
-            spawned = [data["broker"]["pid"], data["redis"]["pid"]]
+            spawned = [data["broker"]["pid"], data["redis"]["pid"],
+                       *(proc["pid"] for proc in data.get("services", {}).values())]
             subprocess.run([sys.executable, "-m", "agentfabric", "down"], env=env, check=True,
                            capture_output=True, timeout=60)
     assert proc.returncode == 0, out
@@ -46,5 +49,12 @@ def test_demo_prints_every_result_and_cleans_up(tmp_path: Path) -> None:
     for event in [f"crm-evt-100{i}" for i in range(1, 9)] + [f"erp-evt-500{i}" for i in
                                                              range(1, 7)]:
         assert event in out, event
-    assert len(spawned) == 2
+    # the sample workflows called the CRM and ERP through the gateway: a line per tool
+    for line in ("crm.get_account: 16 calls, 0 failed, breaker closed",
+                 "crm.update_lead_score: 8 calls, 0 failed, breaker closed",
+                 "erp.get_vendor: 6 calls, 0 failed, breaker closed",
+                 "erp.validate_invoice: 6 calls, 0 failed, breaker closed",
+                 "erp.post_approval: 1 call, 0 failed, breaker closed"):
+        assert line in out, line
+    assert len(spawned) == 4
     assert not any(pid_alive(pid) for pid in spawned)

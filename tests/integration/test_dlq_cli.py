@@ -157,7 +157,7 @@ class FlakyAccounts:
         self.served = 0
 
     async def __call__(self, name: str, arguments: Mapping[str, Any], call: ToolCall) -> Any:
-        if name == "accounts.lookup":
+        if name == "crm.get_account":
             if not self.fixed:
                 raise TransientError("the accounts service is unavailable; it comes back soon")
             self.served += 1

@@ -19,7 +19,7 @@ FLOWS = """
   trigger: {source: crm, event_types: [research]}
   steps:
     - {id: fan, kind: parallel, branches: [firmo, label], join: combine}
-    - {id: firmo, kind: tool, tool: accounts.lookup, args: {domain: "{{ input.domain }}"},
+    - {id: firmo, kind: tool, tool: crm.get_account, args: {domain: "{{ input.domain }}"},
        next: size}
     - {id: size, kind: workflow, workflow: doubler, input: {n: "{{ steps.firmo.employees }}"},
        next: combine}

@@ -143,7 +143,7 @@ async def test_retries_and_a_breaker_shared_through_redis(
         with pytest.raises(CircuitOpenError):
             await two.call("crm.get_account", {"domain": "contoso.com"}, other)
         assert (await control(crm, "GET", "/_stats"))["calls"][route[0]] == sent
-        assert "crm.get_account: 1 calls, 1 failed, breaker open" in two.summary()[0]
+        assert "crm.get_account: 1 call, 1 failed, breaker open" in two.summary()[0]
     finally:
         await control(crm, "DELETE", "/_faults")
         await one.close()

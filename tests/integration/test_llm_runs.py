@@ -12,11 +12,11 @@ import yaml
 
 from agentfabric.settings import Settings
 from agents.engine import run_id_for
-from agents.model_script import ModelScript
-from agents.model_server import ModelServerHandle, serve
+from agents.model_server import ModelServerHandle
 from schemas.models import HandOff, TriggerEvent
 from streams.reader import read_until
 from streams.topics import TopicNames
+from tests.modelfixture import models_file, scripted_server
 
 from .helpers import collect_results, running_worker
 from .test_cli import cli, settings_env
@@ -25,10 +25,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 SCRIPT = {"rules": [
     {"match": {"workflow": "fit_check", "user_contains": "loop.example"},
-     "turns": [{"tool_calls": [{"name": "accounts.lookup",
+     "turns": [{"tool_calls": [{"name": "crm.get_account",
                                 "arguments": {"domain": "contoso.com"}}]}]},
     {"match": {"workflow": "fit_check"},
-     "turns": [{"tool_calls": [{"name": "accounts.lookup",
+     "turns": [{"tool_calls": [{"name": "crm.get_account",
                                 "arguments": {"domain": "{{ user_json.domain }}"}}]},
                {"content": {"fit": "{{ 'high' if tool_results[-1].employees >= 1000 "
                                    "else 'low' }}",
@@ -39,7 +39,7 @@ WORKFLOW = {
     "trigger": {"source": "crm", "event_types": ["lead.created"]},
     "steps": [
         {"id": "fit", "kind": "llm", "model": "local", "prompt_file": "fit.md",
-         "tools": ["accounts.lookup"], "max_iterations": 3,
+         "tools": ["crm.get_account"], "max_iterations": 3,
          "output_schema": {"type": "object", "required": ["fit", "account"]}},
         {"id": "label", "kind": "transform",
          "output": "{{ steps.fit.account + ': ' + steps.fit.fit }}"},
@@ -49,11 +49,8 @@ WORKFLOW = {
 
 @pytest.fixture
 async def model_server() -> AsyncIterator[ModelServerHandle]:
-    handle = await serve(ModelScript.parse(SCRIPT), port=0)
-    try:
+    async with scripted_server(SCRIPT) as handle:
         yield handle
-    finally:
-        await handle.close()
 
 
 @pytest.fixture
@@ -63,11 +60,8 @@ def llm_settings(settings: Settings, model_server: ModelServerHandle,
     workflows.mkdir()
     (workflows / "fit.md").write_text('{"domain": "{{ input.domain }}"}')
     (workflows / "fit_check.yaml").write_text(yaml.safe_dump(WORKFLOW))
-    models = tmp_path / "models.yaml"
-    models.write_text(yaml.safe_dump({
-        "providers": {"local": {"base_url": model_server.url}},
-        "models": {"local": {"provider": "local", "model": "fabric-local-1",
-                             "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}}}))
+    models = models_file(tmp_path, model_server.url, input_usd_per_mtok=1.0,
+                         output_usd_per_mtok=2.0)
     return settings.model_copy(update={"workflows_dir": workflows, "models_file": models})
 
 

@@ -8,6 +8,7 @@ takes over. Every run completes exactly once.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -33,7 +34,8 @@ def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
            "AGENTFABRIC_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "AGENTFABRIC_REDIS_URL": settings.redis_url,
            "AGENTFABRIC_TOPIC_PREFIX": settings.topic_prefix,
-           "AGENTFABRIC_WORKFLOWS_DIR": str(settings.workflows_dir)}
+           "AGENTFABRIC_WORKFLOWS_DIR": str(settings.workflows_dir),
+           "AGENTFABRIC_SERVICE_URLS": json.dumps(settings.service_urls)}
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "agentfabric", "worker", "--log-level", "INFO"],

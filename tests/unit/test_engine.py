@@ -22,12 +22,12 @@ from agents.engine import Engine, run_id_for
 from agents.loader import load_workflows, parse_workflow
 from agents.workflow import WorkflowSet
 from schemas.models import RunResult, StepMessage, TriggerEvent, utc_now
-from tools import default_registry
+from tests.faketools import sample_tools
 
 
 @pytest.fixture(scope="module")
 def engine(rules_workflows: Path) -> Engine:
-    return Engine(load_workflows(rules_workflows), default_registry())
+    return Engine(load_workflows(rules_workflows), sample_tools())
 
 
 async def run_to_end(engine: Engine, event: TriggerEvent) -> RunResult:
@@ -124,7 +124,7 @@ async def test_tool_argument_failure(engine: Engine) -> None:
     after = await engine.advance(message)
     assert isinstance(after, StepMessage)
     with pytest.raises(ToolError, match=re.escape(
-            "tool 'invoices.validate' rejected its arguments: amount: Input should be a valid "
+            "tool 'erp.validate_invoice' rejected its arguments: amount: Input should be a valid "
             "decimal")):
         await engine.advance(after)
 
@@ -147,7 +147,7 @@ trigger: {source: crm, event_types: [spin]}
 steps:
   - {id: again, kind: transform, output: 1, next: again}
 """)
-    engine = Engine(WorkflowSet([parse_workflow(loop, "spin.yaml")]), default_registry(),
+    engine = Engine(WorkflowSet([parse_workflow(loop, "spin.yaml")]), sample_tools(),
                     max_steps_per_run=5)
     [message] = engine.start(TriggerEvent(source="crm", event_type="spin", payload={}))
     for visit in range(1, 6):

@@ -13,7 +13,7 @@ from agents.engine import Decision, Emitted, Engine
 from agents.loader import parse_workflow
 from agents.workflow import WorkflowSet
 from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
-from tools import default_registry
+from tests.faketools import sample_tools
 
 FLOWS = """
 - name: counter
@@ -32,7 +32,7 @@ FLOWS = """
   trigger: {source: crm, event_types: [research]}
   steps:
     - {id: fan, kind: parallel, branches: [firmo, label], join: combine}
-    - {id: firmo, kind: tool, tool: accounts.lookup, args: {domain: "{{ input.domain }}"},
+    - {id: firmo, kind: tool, tool: crm.get_account, args: {domain: "{{ input.domain }}"},
        next: combine}
     - {id: label, kind: transform, output: "{{ upper(input.domain) }}", next: shout}
     - {id: shout, kind: transform, output: "{{ steps.label + '!' }}", next: combine}
@@ -62,7 +62,7 @@ FLOWS = """
 def engine() -> Engine:
     docs = yaml.safe_load(FLOWS)
     return Engine(WorkflowSet(parse_workflow(d, f"{d['name']}.yaml") for d in docs),
-                  default_registry())
+                  sample_tools())
 
 
 def start(engine: Engine, event_type: str, **payload: Any) -> StepMessage:
@@ -133,7 +133,7 @@ async def test_parallel_branches_join_once_with_all_outputs(engine: Engine) -> N
 async def test_a_branch_that_ends_without_joining_is_permanent(engine: Engine) -> None:
     broken = yaml.safe_load(FLOWS)[1]
     broken["steps"][3]["next"] = "end"
-    engine = Engine(WorkflowSet([parse_workflow(broken, "research.yaml")]), default_registry())
+    engine = Engine(WorkflowSet([parse_workflow(broken, "research.yaml")]), sample_tools())
     [_, label] = (await engine.run_step(start(engine, "research", domain="x.com"))).emitted
     assert isinstance(label, StepMessage)
     [shout] = (await engine.run_step(label)).emitted
@@ -164,7 +164,7 @@ async def test_sub_workflow_result_resumes_the_caller(engine: Engine) -> None:
 def test_calling_an_unknown_workflow_is_a_config_error() -> None:
     caller = yaml.safe_load(FLOWS)[3]
     with pytest.raises(ConfigError, match="field 'workflow': workflow 'doubler' is not loaded"):
-        Engine(WorkflowSet([parse_workflow(caller, "caller.yaml")]), default_registry())
+        Engine(WorkflowSet([parse_workflow(caller, "caller.yaml")]), sample_tools())
 
 
 @pytest.mark.parametrize(("approved", "status", "output"), [
@@ -198,7 +198,7 @@ steps:
   - {id: both, kind: transform, output: ["{{ steps.a }}", "{{ steps.b }}"], next: again}
   - {id: done, kind: transform, output: "{{ steps.both }}"}
 """)
-    engine = Engine(WorkflowSet([parse_workflow(doc, "rounds.yaml")]), default_registry())
+    engine = Engine(WorkflowSet([parse_workflow(doc, "rounds.yaml")]), sample_tools())
     [message] = engine.start(TriggerEvent(source="crm", event_type="rounds", payload={}))
     pending, joins, result = [message], [], None
     while pending:
@@ -229,7 +229,7 @@ steps:
   - {id: other, kind: transform, output: 1, next: both}
   - {id: both, kind: transform, output: 2}
 """)
-    engine = Engine(WorkflowSet([parse_workflow(doc, "gated.yaml")]), default_registry())
+    engine = Engine(WorkflowSet([parse_workflow(doc, "gated.yaml")]), sample_tools())
     [message] = engine.start(TriggerEvent(source="crm", event_type="gated", payload={}))
     gate = next(m for m in (await engine.run_step(message)).emitted
                 if isinstance(m, StepMessage) and m.step == "ok")

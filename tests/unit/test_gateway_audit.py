@@ -131,5 +131,5 @@ def test_metrics_on_the_callers_registry() -> None:
     assert 'agentfabric_tool_breaker_state{tool="erp.get_vendor"} 2.0' in text
     assert metrics.summary() == [
         "crm.get_account: 2 calls, 1 failed, breaker half_open (ok 1, timeout 1)",
-        "erp.get_vendor: 1 calls, 0 failed, breaker open (fallback 1)"]
+        "erp.get_vendor: 1 call, 0 failed, breaker open (fallback 1)"]
     GatewayMetrics(CollectorRegistry())  # no global registration: another one is fine

@@ -16,7 +16,7 @@ from agentfabric.settings import Settings
 from gateway.catalog import ENTRY_POINT_GROUP, Catalog, shipped_catalog_dir
 from gateway.http import HttpTools
 from gateway.spec import ToolSpec
-from tools import default_registry
+from tests.faketools import sample_tools
 
 
 class NoteArgs(BaseModel):
@@ -42,7 +42,7 @@ def test_shipped_catalog_declares_the_sample_services_tools() -> None:
     assert account.http is not None
     assert account.http.path == "/accounts/{domain}"
     assert account.rate_limit is not None
-    assert account.rate_limit.limit == 50
+    assert account.rate_limit.limit == 200
     http = HttpTools(Settings().service_urls)
     for spec in catalog.specs():
         assert spec.http is not None
@@ -126,12 +126,12 @@ def test_python_registration(tmp_path: Path) -> None:
         catalog.register("notes.big", NoteArgs, max_result_bytes=1)(add_note)
 
 
-def test_legacy_registry_tools(tmp_path: Path) -> None:
+def test_registry_tools_join_the_catalog(tmp_path: Path) -> None:
     catalog = Catalog()
-    catalog.add_registry(default_registry())
-    assert {"accounts.lookup", "vendors.lookup", "invoices.validate"} <= set(catalog.names())
-    assert catalog.spec("accounts.lookup").python == \
-        "tools.connectors.accounts:lookup_account"
+    catalog.add_registry(sample_tools())
+    assert {"crm.get_account", "erp.get_vendor", "erp.validate_invoice"} <= set(catalog.names())
+    assert catalog.spec("crm.get_account").source == "tool registry (tests.faketools)"
+    assert catalog.python("crm.get_account").args_model.__name__ == "AccountArgs"
 
 
 def test_module_paths_and_tools_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,9 +129,8 @@ def test_cli_tools_list(monkeypatch: pytest.MonkeyPatch) -> None:
     approval = rows["erp.post_approval"]
     assert approval["access"] == "write"
     assert approval["scopes"] == "erp:write"
-    assert approval["rate_limit"] == "5/1s"
+    assert approval["rate_limit"] == "50/1s"
     assert approval["approval"] == "args.amount > 10000"
     assert approval["breaker"] == "3 in 60s, open 30s"
     assert approval["breaker_state"] == "-"
     assert approval["source"].endswith("erp.yaml")
-    assert "accounts.lookup" in rows  # the shipped Python connectors too

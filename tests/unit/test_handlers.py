@@ -23,7 +23,7 @@ from streams.kafka import Outgoing
 from streams.stages import Dedupe, Pipeline, execute, route
 from streams.stages import decode as decode_stage
 from streams.topics import TopicNames
-from tools import default_registry
+from tests.faketools import sample_tools
 
 NAMES = TopicNames("af")
 
@@ -65,7 +65,7 @@ def record(topic: str, value: bytes | None, headers: list[tuple[str, bytes]] | N
 
 @pytest.fixture
 def engine(rules_workflows: Path) -> Engine:
-    return Engine(load_workflows(rules_workflows), default_registry())
+    return Engine(load_workflows(rules_workflows), sample_tools())
 
 
 @pytest.fixture

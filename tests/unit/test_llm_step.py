@@ -19,7 +19,7 @@ from agents.model_server import ModelServerHandle, serve
 from agents.models import ModelClient, ModelRegistry
 from schemas.models import HandOff, RunResult, StepMessage, TriggerEvent
 from schemas.serde import unseal
-from tools import default_registry
+from tests.faketools import sample_tools
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,7 +31,7 @@ WORKFLOW = {
     "steps": [{
         "id": "fit", "kind": "llm", "model": "local-test",
         "system_file": "prompts/fit.system.md", "prompt_file": "prompts/fit.user.md",
-        "tools": ["accounts.lookup"], "max_iterations": 5, "max_output_retries": 2,
+        "tools": ["crm.get_account"], "max_iterations": 5, "max_output_retries": 2,
         "output_schema": {
             "type": "object", "required": ["fit", "reason"], "additionalProperties": False,
             "properties": {"fit": {"enum": ["high", "medium", "low"]},
@@ -43,7 +43,7 @@ FINAL = {"content": '{"fit": "high", "reason": "{{ tool_results[-1].name if tool
 
 
 def lookup(domain: str) -> dict[str, Any]:
-    return {"tool_calls": [{"name": "accounts.lookup", "arguments": {"domain": domain}}]}
+    return {"tool_calls": [{"name": "crm.get_account", "arguments": {"domain": domain}}]}
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ async def engine(server: ModelServerHandle, tmp_path: Path) -> AsyncIterator[Eng
                                   "output_usd_per_mtok": PRICE_OUT}}})
     models = ModelClient(registry, timeout_s=5, max_retries=3)
     try:
-        yield Engine(load_workflows(tmp_path), default_registry(), models=models)
+        yield Engine(load_workflows(tmp_path), sample_tools(), models=models)
     finally:
         await models.close()
 

@@ -12,7 +12,7 @@ import yaml
 from agentfabric.errors import ConfigError, WorkflowError
 from agents.engine import Engine
 from agents.loader import load_workflow, load_workflows, parse_workflow
-from tools import default_registry
+from tests.faketools import sample_tools
 
 BASE: dict[str, Any] = {
     "name": "demo_flow", "version": 1,
@@ -51,7 +51,7 @@ def test_sample_workflows_load() -> None:
     lead = workflows.latest("lead_enrichment")
     assert lead.version == 2
     assert [s.id for s in lead.steps] == [
-        "normalise", "enrich", "similar", "fit", "score", "route"]
+        "normalise", "enrich", "similar", "fit", "score", "route", "update_crm"]
     assert lead.trigger.source == "crm"
     # every tool, model and knowledge base the samples use is configured
     from agentfabric.app import build_engine
@@ -167,4 +167,4 @@ def test_unregistered_tool_is_a_config_error_at_start() -> None:
 
     with pytest.raises(ConfigError, match=re.escape(
             "wf.yaml: step 'first': field 'tool': no tool named 'crm.nothing' is registered")):
-        Engine(WorkflowSet([parse_workflow(data, "wf.yaml")]), default_registry())
+        Engine(WorkflowSet([parse_workflow(data, "wf.yaml")]), sample_tools())

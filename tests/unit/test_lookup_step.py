@@ -13,7 +13,7 @@ from agents.loader import parse_workflow
 from agents.replay import replay_run
 from agents.workflow import WorkflowSet
 from schemas.models import RunResult, TriggerEvent
-from tools import default_registry
+from tests.faketools import sample_tools
 from tools.knowledge import KnowledgeBase, read_documents
 from tools.vectors import EmbeddedVectorStore, MiniLMEmbedder
 
@@ -49,7 +49,7 @@ async def engine(tmp_path: Path, embedder: MiniLMEmbedder) -> AsyncIterator[Engi
     await kb.ingest("Companies", "acme", read_documents([DOCS]))
     try:
         yield Engine(WorkflowSet([parse_workflow(WORKFLOW, "similar.yaml")]),
-                     default_registry(), knowledge=kb, record_all=True)
+                     sample_tools(), knowledge=kb, record_all=True)
     finally:
         await kb.close()
 

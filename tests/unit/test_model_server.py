@@ -449,7 +449,7 @@ async def test_demo_script(tmp_path: Path) -> None:
                 extra_headers=headers("fit", workflow="lead_enrichment"))
             calls = first.choices[0].message.tool_calls
             assert calls is not None
-            assert calls[0].function.name == "accounts.lookup"  # type: ignore[union-attr]
+            assert calls[0].function.name == "crm.get_account"  # type: ignore[union-attr]
             assert json.loads(calls[0].function.arguments) == {  # type: ignore[union-attr]
                 "domain": "contoso.com"}
             messages.append(first.choices[0].message.model_dump(exclude_none=True))

@@ -19,11 +19,11 @@ from pydantic import BaseModel
 from agentfabric.errors import ConfigError, ToolError, TransientError
 from agents.engine import Engine
 from agents.loader import parse_workflow
-from agents.model_script import ModelScript
-from agents.model_server import ModelServerHandle, serve
+from agents.model_server import ModelServerHandle
 from agents.models import ModelClient, ModelRegistry
 from agents.workflow import WorkflowSet
 from schemas.models import RunResult, StepMessage, TriggerEvent
+from tests.modelfixture import scripted_server
 from tools.registry import ToolCall, ToolRegistry
 
 pytestmark = pytest.mark.timeout(30)
@@ -207,11 +207,8 @@ SCRIPT = {"rules": [{"match": {"workflow": "slow_llm", "step": "ask"}, "turns": 
 
 @pytest.fixture
 async def server() -> AsyncIterator[ModelServerHandle]:
-    handle = await serve(ModelScript.parse(SCRIPT), port=0)
-    try:
+    async with scripted_server(SCRIPT) as handle:
         yield handle
-    finally:
-        await handle.close()
 
 
 @pytest.fixture

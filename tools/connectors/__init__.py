@@ -1,1 +1,0 @@
-"""Sample connectors: CRM accounts and ERP vendors/invoices over shipped tables."""

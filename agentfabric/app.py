@@ -87,7 +87,7 @@ def build_engine(settings: Settings, models: ModelClient | None = None, *,
     tools through the gateway (the catalog of ``settings``, plus the Python tools of
     ``tools``). Its gateway keeps state in-process until a worker connects it to Redis and
     Kafka (``Worker.run``)."""
-    from gateway.pipeline import load_catalog, local_gateway
+    from tools.gateway.pipeline import load_catalog, local_gateway
 
     models = models or build_models(settings)
     gateway = local_gateway(settings, load_catalog(settings, tools))

@@ -13,7 +13,7 @@ from .cli_common import err, out, run
 from .cli_common import settings as settings_
 
 if TYPE_CHECKING:
-    from gateway.spec import ToolSpec
+    from tools.gateway.spec import ToolSpec
 
     from .settings import Settings
 
@@ -56,8 +56,8 @@ async def _breaker_states(settings: Settings) -> dict[str, str] | None:
     from redis.asyncio import Redis
 
     from agentfabric.errors import UnavailableError
-    from gateway.breaker import RedisBreakers
-    from gateway.pipeline import redis_prefix
+    from tools.gateway.breaker import RedisBreakers
+    from tools.gateway.pipeline import redis_prefix
 
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
     try:
@@ -77,7 +77,7 @@ def tools_list(
 ) -> None:
     """The declared tools: access, scopes, rate limit, breaker (and its current state, read
     from Redis when it is reachable), approval, fallback, where each is declared."""
-    from gateway.pipeline import load_catalog
+    from tools.gateway.pipeline import load_catalog
 
     s = settings_()
     catalog = load_catalog(s)
@@ -121,7 +121,7 @@ def tools_import_openapi(
     """Turn the selected operations of an OpenAPI document into catalog YAML (tools:
     [...]); review it, add policies (scopes, rate_limit, ...), and put it in a folder of
     AGENTFABRIC_TOOLS_DIRS."""
-    from gateway.openapi import catalog_yaml, import_operations, load_document
+    from tools.gateway.openapi import catalog_yaml, import_operations, load_document
 
     specs = import_operations(load_document(spec), select, service=service, url=url,
                               source=str(spec))

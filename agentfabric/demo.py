@@ -148,7 +148,7 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
 
 
 def _tool_lines(engine: Engine) -> list[str]:
-    from gateway.pipeline import Gateway
+    from tools.gateway.pipeline import Gateway
 
     return engine.tools.summary() if isinstance(engine.tools, Gateway) else []
 

@@ -13,10 +13,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agents.engine import Engine
-from gateway.audit import KafkaAuditSink
-from gateway.breaker import RedisBreakers
-from gateway.pipeline import Gateway, redis_prefix
-from gateway.ratelimit import RedisRateLimiter
 from streams.batching import PipelinedRedis, redis_unavailable
 from streams.consumer import StepConsumer
 from streams.joins import RedisJoinStore
@@ -24,6 +20,10 @@ from streams.journal import RedisJournal
 from streams.kafka import Producer
 from streams.runtime import Runtime
 from streams.topics import TopicNames
+from tools.gateway.audit import KafkaAuditSink
+from tools.gateway.breaker import RedisBreakers
+from tools.gateway.pipeline import Gateway, redis_prefix
+from tools.gateway.ratelimit import RedisRateLimiter
 
 from .approvals import ApprovalStore, DecisionPublisher, RedisApprovalGrants, sweep
 from .errors import StackError

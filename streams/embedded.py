@@ -5,7 +5,7 @@
 their pids in ``<state_dir>/stack.json``; ``stop`` ends exactly those pids (and only if
 they are still the processes it started). Production points ``bootstrap_servers`` and
 ``redis_url`` at real services instead. ``start(services=True)`` also runs the sample CRM
-and ERP (``python -m services``, ready when ``/healthz`` answers), recorded the same way.
+and ERP (``python -m tools.services``, ready when ``/healthz`` answers), recorded the same way.
 
 Redis persists with the append-only file in the state dir (``appendfsync everysec``), so
 ``stop_redis`` and ``start_redis`` restart Redis alone (same port, same data) while the
@@ -41,7 +41,7 @@ READY_TIMEOUT_S = 20.0
 AOF_FILE = "appendonly.aof"
 # What an earlier stack's Redis may have left in the state dir (appendonlydir: Redis >= 7).
 REDIS_DATA = (AOF_FILE, "appendonlydir", "dump.rdb")
-SERVICES = ("crm", "erp")  # the sample business systems, `python -m services NAME`
+SERVICES = ("crm", "erp")  # the sample business systems, `python -m tools.services NAME`
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ class EmbeddedStack:
             for name in SERVICES if services else ():
                 port = self.service_ports[name]
                 proc, popen = self._spawn(name, sys.executable, port, [
-                    "-P", "-m", "services", name, "--host", self.host, "--port", str(port)])
+                    "-P", "-m", "tools.services", name, "--host", self.host, "--port", str(port)])
                 started.append((proc, popen, partial(_http_ok, self.host, port)))
             for proc, popen, probe in started:
                 self._wait_ready(proc, popen, probe)

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services import crm, erp
 from tools.registry import ToolCall, ToolRegistry
+from tools.services import crm, erp
 
 __all__ = ["SampleTools", "sample_tools"]
 

@@ -1,4 +1,4 @@
-"""The sample CRM and ERP as subprocesses on free ports (``python -m services``), for the
+"""The sample CRM and ERP as subprocesses on free ports (``python -m tools.services``), for the
 session fixture ``services``: started together, ready when ``/healthz`` answers, stopped by
 their own pids."""
 
@@ -71,7 +71,8 @@ def running_services(log_dir: Path, host: str = "127.0.0.1") -> Iterator[Running
             log = log_dir / f"{name}.log"
             with open(log, "ab") as out:
                 procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "services", name, "--host", host, "--port", str(port)],
+                    [sys.executable, "-m", "tools.services", name, "--host", host,
+                     "--port", str(port)],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
             cleanup.callback(_stop, procs[name])
             urls[name] = f"http://{host}:{port}"

@@ -32,7 +32,7 @@ class ToolCall:
     """What a tool receives besides its arguments.
 
     ``agent`` is the calling step's identity (``workflow.step``) and ``token`` its signed,
-    short-lived gateway token (``gateway.identity``). ``degraded`` is filled by the gateway
+    short-lived gateway token (``tools.gateway.identity``). ``degraded`` is filled by the gateway
     when a fallback answered instead of the tool (one line per fallback), so the step can
     record it on the run.
     """

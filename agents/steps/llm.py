@@ -24,8 +24,8 @@ from agents.journal import request_digest
 from agents.models import ChatResult, tool_result_text
 from agents.recording import refuse
 from agents.template import Template
-from gateway.redact import sanitize_error
 from schemas.models import Usage
+from tools.gateway.redact import sanitize_error
 from tools.registry import ToolCall
 
 from .base import HandOffRequest, StepContext, StepOutcome, StepSpec, register_step_kind

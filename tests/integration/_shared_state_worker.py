@@ -23,9 +23,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from agentfabric.errors import CircuitOpenError, RateLimitedError
-from gateway.breaker import Admission, RedisBreakers
-from gateway.ratelimit import RedisRateLimiter
-from gateway.spec import BreakerPolicy, RateLimitPolicy
+from tools.gateway.breaker import Admission, RedisBreakers
+from tools.gateway.ratelimit import RedisRateLimiter
+from tools.gateway.spec import BreakerPolicy, RateLimitPolicy
 
 
 async def hammer(limiter: RedisRateLimiter, cmd: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from schemas.models import DeadLetter, RunResult, TriggerEvent
 from streams.reader import read_until
 from streams.topics import TopicNames
 
-# (domain, employees, industry) from services/data/accounts.csv, restated here as the oracle
+# (domain, employees, industry) from tools/services/data/accounts.csv, restated here as the oracle
 ACCOUNTS = {
     "contoso.com": (18500, "software"), "woodgrovebank.com": (12400, "financial services"),
     "meridian-foods.com": (2300, "food and beverage"), "cobalt-analytics.io": (45, "software"),

@@ -23,12 +23,12 @@ import yaml
 from agentfabric.app import publish_events
 from agentfabric.settings import Settings
 from agents.model_server import ModelServerHandle
-from gateway.audit import AuditEvent
 from schemas.models import RunResult, TriggerEvent
 from streams.reader import read_topic
 from streams.topics import TopicNames
 from tests.modelfixture import models_file, scripted_server
 from tests.servicefixture import RunningServices
+from tools.gateway.audit import AuditEvent
 
 from .helpers import collect_results, running_worker
 

@@ -21,11 +21,11 @@ from agentfabric.errors import (
     TransientError,
 )
 from agentfabric.settings import Settings
-from gateway.audit import AuditEvent
-from gateway.pipeline import Gateway, MemoryApprovalGrants, build_gateway
 from streams.kafka import Producer
 from streams.reader import read_topic
 from streams.topics import TopicNames, apply_topics
+from tools.gateway.audit import AuditEvent
+from tools.gateway.pipeline import Gateway, MemoryApprovalGrants, build_gateway
 from tools.registry import ToolCall
 
 from ..servicefixture import RunningServices

@@ -28,10 +28,10 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from agentfabric.errors import CircuitOpenError, RateLimitedError
-from gateway.breaker import Breakers, MemoryBreakers, RedisBreakers
-from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from gateway.spec import BreakerPolicy, RateLimitPolicy
 from streams.embedded import StackInfo, pid_alive
+from tools.gateway.breaker import Breakers, MemoryBreakers, RedisBreakers
+from tools.gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from tools.gateway.spec import BreakerPolicy, RateLimitPolicy
 
 pytestmark = pytest.mark.integration
 

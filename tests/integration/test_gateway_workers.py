@@ -22,12 +22,12 @@ import yaml
 
 from agentfabric.app import build_engine, provision, publish_events
 from agentfabric.settings import Settings
-from gateway.audit import AuditEvent
 from schemas.models import RunResult, TriggerEvent
 from streams.reader import read_topic
 from streams.topics import TopicNames
 from tests.faults.procs import Workers
 from tests.servicefixture import RunningServices
+from tools.gateway.audit import AuditEvent
 
 from .helpers import collect_results, running_worker
 

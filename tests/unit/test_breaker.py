@@ -9,9 +9,9 @@ import pytest
 from redis.asyncio import Redis
 
 from agentfabric.errors import CircuitOpenError, UnavailableError
-from gateway.breaker import Admission, Breakers, MemoryBreakers, RedisBreakers
-from gateway.spec import BreakerPolicy
 from streams.embedded import free_port
+from tools.gateway.breaker import Admission, Breakers, MemoryBreakers, RedisBreakers
+from tools.gateway.spec import BreakerPolicy
 
 POLICY = BreakerPolicy(failures=3, window_s=30, open_s=10, half_open_probes=2)
 

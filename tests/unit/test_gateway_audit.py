@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from agentfabric.errors import AgentFabricError, UnavailableError
-from gateway.audit import AuditEvent, KafkaAuditSink, LogAuditSink, arguments_hash
-from gateway.metrics import GatewayMetrics
 from streams.kafka import Outgoing
+from tools.gateway.audit import AuditEvent, KafkaAuditSink, LogAuditSink, arguments_hash
+from tools.gateway.metrics import GatewayMetrics
 
 
 def event(run_id: str = "run-1", outcome: str = "ok") -> AuditEvent:
@@ -107,7 +107,7 @@ async def test_pending_events_are_bounded(caplog: pytest.LogCaptureFixture) -> N
 async def test_log_sink(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    caplog.set_level(logging.DEBUG, logger="gateway.audit")
+    caplog.set_level(logging.DEBUG, logger="tools.gateway.audit")
     sink = LogAuditSink()
     sink.emit(event())
     await sink.close()

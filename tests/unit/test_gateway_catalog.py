@@ -13,10 +13,10 @@ from pydantic import BaseModel, Field
 
 from agentfabric.errors import ConfigError
 from agentfabric.settings import Settings
-from gateway.catalog import ENTRY_POINT_GROUP, Catalog, shipped_catalog_dir
-from gateway.http import HttpTools
-from gateway.spec import ToolSpec
 from tests.faketools import sample_tools
+from tools.gateway.catalog import ENTRY_POINT_GROUP, Catalog, shipped_catalog_dir
+from tools.gateway.http import HttpTools
+from tools.gateway.spec import ToolSpec
 
 
 class NoteArgs(BaseModel):

@@ -13,9 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from agentfabric.errors import ConfigError, ToolError
-from gateway.http import HttpTools, ServiceUnavailableError, parse_retry_after
-from gateway.spec import ToolSpec
 from streams.embedded import free_port
+from tools.gateway.http import HttpTools, ServiceUnavailableError, parse_retry_after
+from tools.gateway.spec import ToolSpec
 from tools.registry import ToolCall
 
 CALL = ToolCall(tool="t", idempotency_key="run-1:step:3", tenant="acme", run_id="run-1",

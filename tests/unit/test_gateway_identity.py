@@ -7,9 +7,9 @@ import jwt
 import pytest
 
 from agentfabric.errors import ConfigError, ScopeError
-from gateway.catalog import Catalog
-from gateway.identity import ALGORITHM, Identity, tool_scope
-from gateway.spec import ToolSpec
+from tools.gateway.catalog import Catalog
+from tools.gateway.identity import ALGORITHM, Identity, tool_scope
+from tools.gateway.spec import ToolSpec
 
 SECRET = "s" * 40
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from agentfabric.cli import app
 from agentfabric.errors import ConfigError
-from gateway.catalog import Catalog, shipped_catalog_dir
-from gateway.openapi import catalog_yaml, import_operations, load_document, tool_name
-from gateway.spec import ToolSpec
+from tools.gateway.catalog import Catalog, shipped_catalog_dir
+from tools.gateway.openapi import catalog_yaml, import_operations, load_document, tool_name
+from tools.gateway.spec import ToolSpec
 
 CRM_OPENAPI = shipped_catalog_dir() / "openapi" / "crm.openapi.yaml"
 

@@ -24,15 +24,15 @@ from agentfabric.errors import (
     TransientError,
 )
 from agents.recording import ToolCaller
-from gateway.audit import MemoryAuditSink, arguments_hash
-from gateway.breaker import MemoryBreakers
-from gateway.catalog import Catalog
-from gateway.http import HttpTools
-from gateway.identity import Identity
-from gateway.metrics import GatewayMetrics
-from gateway.pipeline import Gateway, MemoryApprovalGrants, ToolTimeoutError
-from gateway.ratelimit import MemoryRateLimiter
-from gateway.spec import ToolSpec
+from tools.gateway.audit import MemoryAuditSink, arguments_hash
+from tools.gateway.breaker import MemoryBreakers
+from tools.gateway.catalog import Catalog
+from tools.gateway.http import HttpTools
+from tools.gateway.identity import Identity
+from tools.gateway.metrics import GatewayMetrics
+from tools.gateway.pipeline import Gateway, MemoryApprovalGrants, ToolTimeoutError
+from tools.gateway.ratelimit import MemoryRateLimiter
+from tools.gateway.spec import ToolSpec
 from tools.registry import ToolCall
 
 SECRET = "k" * 48
@@ -89,7 +89,7 @@ class Recorder:
 
 
 def python_catalog(*specs: tuple[ToolSpec, Any]) -> Catalog:
-    from gateway.catalog import PythonTool
+    from tools.gateway.catalog import PythonTool
 
     catalog = Catalog()
     for spec, fn in specs:
@@ -517,7 +517,7 @@ async def test_sync_python_tools_run_in_a_thread() -> None:
         return "done"
 
     catalog = Catalog()
-    from gateway.catalog import PythonTool
+    from tools.gateway.catalog import PythonTool
 
     catalog.add(tool("a.sync"), PythonTool(blocking, None, False, False))
     h = Harness(catalog)

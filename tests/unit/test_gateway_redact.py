@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.redact import REDACTED, json_result, redact, result_bytes, sanitize_error
+from tools.gateway.redact import REDACTED, json_result, redact, result_bytes, sanitize_error
 
 
 @pytest.mark.parametrize(("text", "secret"), [

@@ -11,15 +11,15 @@ import pytest
 from redis.asyncio import Redis
 
 from agentfabric.errors import RateLimitedError, UnavailableError
-from gateway.ratelimit import (
+from streams.embedded import free_port
+from tools.gateway.ratelimit import (
     MemoryRateLimiter,
     RateLimiter,
     RedisRateLimiter,
     limit_key,
     window_s,
 )
-from gateway.spec import RateLimitPolicy
-from streams.embedded import free_port
+from tools.gateway.spec import RateLimitPolicy
 
 
 class FakeClock:

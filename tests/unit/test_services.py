@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from services import crm, erp
-from services.common import serve
+from tools.services import crm, erp
+from tools.services.common import serve
 
 Client = TestClient[web.Request, web.Application]
 SCORE = {"score": 82, "segment": "enterprise", "owner": "ana"}
@@ -285,7 +285,7 @@ async def test_reset_clears_writes_stats_and_faults(crm_client: Client) -> None:
     await call(crm_client, "POST", "/_faults", {"status": 503, "count": 5})
     assert (await call(crm_client, "POST", "/_reset"))[0] == 200
     assert await stats(crm_client) == {"calls": {}, "statuses": {}, "applied": 0,
-                                       "repeats": 0, "by_tenant": {}}
+                                       "repeats": 0, "by_tenant": {}, "arrivals": {}}
     assert (await call(crm_client, "GET", "/leads/L-1"))[0] == 404  # no fault, no lead
     again = await call(crm_client, "POST", "/leads/L-1/score", SCORE, key="k1")
     assert again[1]["applied"] is True  # the key was forgotten too

@@ -159,7 +159,7 @@ class ServiceHandle:
 
 def load_csv(name: str) -> list[dict[str, str]]:
     """Rows of a seed table shipped in ``services/data``."""
-    text = resources.files("services").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files("tools.services").joinpath("data", name).read_text(encoding="utf-8")
     return list(csv.DictReader(text.splitlines()))
 
 

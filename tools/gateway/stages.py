@@ -1,6 +1,6 @@
 """The gateway's stages: small callables ``stage(state, call_next)``, each with one job.
 
-:class:`~gateway.pipeline.Gateway` chains them (its docstring draws the order). A stage
+:class:`~tools.gateway.pipeline.Gateway` chains them (its docstring draws the order). A stage
 reads what it needs from the :class:`CallState`, calls ``call_next(state)`` (or not), and
 raises errors of ``agentfabric.errors``.
 """

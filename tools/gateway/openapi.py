@@ -1,6 +1,6 @@
 """Import HTTP tools from an OpenAPI 3 document (``agentfabric tools import-openapi``).
 
-Each selected operation (by ``operationId``) becomes one :class:`~gateway.spec.ToolSpec`:
+Each selected operation (by ``operationId``) becomes one :class:`~tools.gateway.spec.ToolSpec`:
 
 - ``name``: the operationId, lower-cased (characters a tool name cannot hold become ``_``);
 - ``description``: the summary, then the description;

@@ -1,7 +1,7 @@
 """The ``Gateway``: every tool call passes one chain of small stages, each with one job.
 
 Outermost first; each stage calls the next, and the retry stage calls the ones after it
-once per attempt (stages in :mod:`gateway.stages`)::
+once per attempt (stages in :mod:`tools.gateway.stages`)::
 
     audit       one AuditEvent and the metrics per call, however it ended
     result      the result as plain JSON, size limit (max_result_bytes), redaction

@@ -1,6 +1,6 @@
 """Where tool declarations come from: YAML files, Python functions, installed packages.
 
-A catalog holds each tool's :class:`~gateway.spec.ToolSpec` (its declaration and policies)
+A catalog holds each tool's :class:`~tools.gateway.spec.ToolSpec` (its declaration and policies)
 and, for a Python tool, the function that implements it. Sources, in the order
 :meth:`Catalog.load` reads them:
 

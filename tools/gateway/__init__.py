@@ -1,4 +1,4 @@
-"""The tool gateway: every tool call an agent makes passes here.
+"""The tool gateway: every tool call an agent makes passes here (``tools.gateway``).
 
 Modules (each owns one thing):
 

@@ -1,6 +1,6 @@
 """Shared circuit breakers: one per tool, its state shared by every replica.
 
-States (the semantics of :class:`~gateway.spec.BreakerPolicy`)::
+States (the semantics of :class:`~tools.gateway.spec.BreakerPolicy`)::
 
     closed     calls go through; ``failures`` transient failures within ``window_s`` open it
     open       no call goes through for ``open_s``; then the next admit finds it half-open

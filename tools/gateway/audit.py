@@ -107,7 +107,7 @@ class MemoryAuditSink:
 
 
 class LogAuditSink:
-    """Logs each event (as JSON, at ``level``) on the ``gateway.audit`` logger: the sink of
+    """Logs each event (as JSON, at ``level``) on the ``tools.gateway.audit`` logger: the sink of
     a gateway built without a Kafka producer."""
 
     def __init__(self, level: int = logging.DEBUG) -> None:

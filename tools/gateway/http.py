@@ -1,6 +1,6 @@
 """HTTP tools: a declared request against a named service, over one shared aiohttp session.
 
-A tool's :class:`~gateway.spec.HttpBinding` says ``method`` and ``path`` on ``service``
+A tool's :class:`~tools.gateway.spec.HttpBinding` says ``method`` and ``path`` on ``service``
 (base URL from the ``service_urls`` setting) or on an absolute ``url``. ``{name}``
 placeholders in the path are filled from the arguments (URL-quoted); the other arguments go
 in the query string (GET, DELETE; ``None`` left out) or as the JSON body (POST, PUT, PATCH).

@@ -1,4 +1,4 @@
-"""``python -m services crm|erp [--host H] [--port P]``: serve one sample business system
+"""``python -m tools.services crm|erp [--host H] [--port P]``: serve one sample business system
 until SIGTERM or SIGINT. Prints one ``<name> listening on http://host:port`` line when ready."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ async def _run(name: str, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services",
+    parser = argparse.ArgumentParser(prog="python -m tools.services",
                                      description="Serve a sample business system over HTTP.")
     parser.add_argument("name", choices=sorted(APPS))
     parser.add_argument("--host", default="127.0.0.1")

@@ -50,6 +50,7 @@ __all__ = [
     "Emitted",
     "Engine",
     "StepRun",
+    "first_message",
     "idempotency_key",
     "root_run_id",
     "run_id_for",
@@ -66,6 +67,21 @@ def run_id_for(event: TriggerEvent, workflow: str) -> str:
     """The same event and workflow always give the same run id."""
     basis = "\x1f".join((event.tenant, event.source, event.event_id, workflow))
     return str(uuid.uuid5(RUN_NAMESPACE, basis))
+
+
+def first_message(wf: Workflow, event: TriggerEvent, now: datetime,
+                  trace_parent: str | None = None) -> StepMessage:
+    """The message that starts ``wf`` for ``event`` (its run id derives from the event, so
+    the same event always starts the same run). The router uses it for trigger events; the
+    run API and the client use it to start one workflow directly."""
+    run_id = run_id_for(event, wf.name)
+    key = idempotency_key(run_id, wf.first_step, 0)
+    return StepMessage(
+        run_id=run_id, workflow=wf.name, workflow_version=wf.version, step=wf.first_step,
+        tenant=event.tenant, trace_parent=trace_parent_for(run_id, key, trace_parent),
+        idempotency_key=key, input=event.payload, context={}, event_id=event.event_id,
+        source=event.source, event_type=event.event_type, started_at=now,
+        deadline=now + timedelta(seconds=wf.timeout_s) if wf.timeout_s else None)
 
 
 def idempotency_key(run_id: str, step: str, visit: int, frames: Sequence[Frame] = ()) -> str:
@@ -202,19 +218,8 @@ class Engine:
     def start(self, event: TriggerEvent, trace_parent: str | None = None) -> list[StepMessage]:
         """The first step message of every workflow this event starts."""
         now = self.clock()
-        messages = []
-        for wf in self.workflows.starting(event):
-            run_id = run_id_for(event, wf.name)
-            key = idempotency_key(run_id, wf.first_step, 0)
-            messages.append(StepMessage(
-                run_id=run_id, workflow=wf.name, workflow_version=wf.version,
-                step=wf.first_step, tenant=event.tenant,
-                trace_parent=trace_parent_for(run_id, key, trace_parent),
-                idempotency_key=key, input=event.payload, context={},
-                event_id=event.event_id, source=event.source, event_type=event.event_type,
-                started_at=now,
-                deadline=now + timedelta(seconds=wf.timeout_s) if wf.timeout_s else None))
-        return messages
+        return [first_message(wf, event, now, trace_parent)
+                for wf in self.workflows.starting(event)]
 
     def tool_timeout_for(self, step: StepSpec) -> float:
         """Seconds one tool call of ``step`` may take: its own setting, else the engine's."""

@@ -167,10 +167,22 @@ def parse_events(text: str, source: str) -> list[TriggerEvent]:
 
 
 async def publish_events(settings: Settings, topic: str, events: Sequence[TriggerEvent]) -> int:
+    """Send ``events`` to a trigger topic, each signed for its tenant (docs/tenancy.md)."""
+    from redis.asyncio import Redis
+
+    from .tenancy import TenantSigner
+
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        signer = TenantSigner(settings, redis)
+        messages = [Outgoing.of(topic, e.event_id, e, await signer.headers(e.tenant, e.event_id))
+                    for e in events]
+    finally:
+        await redis.aclose()
     producer = Producer(settings, client_id="agentfabric-publish")
     await producer.start()
     try:
-        await producer.send_all([Outgoing.of(topic, e.event_id, e) for e in events])
+        await producer.send_all(messages)
     finally:
         await producer.stop()
     return len(events)

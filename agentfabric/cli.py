@@ -18,6 +18,8 @@ from .cli_approvals import approvals_app
 from .cli_common import err, out, run
 from .cli_common import settings as settings_
 from .cli_dlq import dlq_app
+from .cli_keys import keys_app
+from .cli_mcp import register as register_mcp_command
 from .cli_tools import tools_app
 from .errors import AgentFabricError, ConfigError
 from .settings import Settings
@@ -38,6 +40,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(tools_app, name="tools")
 app.add_typer(approvals_app, name="approvals")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -200,6 +203,23 @@ def worker(
 
 
 @app.command()
+def ingress(
+    host: Annotated[str | None, typer.Option(help="Listen address (default "
+                                                  "AGENTFABRIC_INGRESS_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default AGENTFABRIC_INGRESS_PORT).")]
+    = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+) -> None:
+    """Serve the HTTP ingress: signed webhooks (POST /webhooks/{source}, sources from
+    AGENTFABRIC_INGRESS_SOURCES_FILE), the run API, /healthz and /readyz, until SIGTERM."""
+    from .app import setup_logging
+    from .ingress.app import serve
+
+    setup_logging(log_level)
+    run(serve(settings_(), host, port))
+
+
+@app.command()
 def demo(keep: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
          ) -> None:
     """The main job: start the embedded stack, provision topics, run workers, publish sample
@@ -220,6 +240,7 @@ def showsettings_() -> None:
 
 
 register_agent_commands(app)
+register_mcp_command(app)
 
 
 def main() -> None:

@@ -10,13 +10,15 @@ Hierarchy::
     │   └── PortInUseError           the embedded stack cannot bind a port
     ├── StackError                   the embedded broker or Redis failed to start or stop
     ├── TransientError               may succeed if tried again: the step is retried
-    │   └── UnavailableError         Kafka or Redis is down: the record is rewound, not retried
+    │   ├── UnavailableError         Kafka or Redis is down: the record is rewound, not retried
+    │   └── RunTimeoutError          a client's run had no result in time (it may still finish)
     └── PermanentError               retrying cannot help: the message is dead-lettered at once
         ├── DecodeError              the bytes are not a message we can read
         ├── MessageValidationError   the message decoded but does not fit its schema
         ├── UnknownWorkflowError     the message names a workflow that is not loaded
         ├── UnknownStepError         the message names a step its workflow does not have
         ├── UnroutableEventError     no loaded workflow starts on this event
+        ├── TenantError              an event names a tenant its source may not start runs for
         ├── ExpressionEvalError      an expression failed on this run's data
         ├── ToolError                a tool rejected the call or failed permanently
         │   └── ToolArgumentsError   the arguments do not fit the tool's schema
@@ -44,9 +46,11 @@ __all__ = [
     "PermanentError",
     "PortInUseError",
     "RateLimitedError",
+    "RunTimeoutError",
     "ScopeError",
     "SettingsError",
     "StackError",
+    "TenantError",
     "ToolArgumentsError",
     "ToolError",
     "TransientError",
@@ -134,6 +138,20 @@ class UnknownStepError(PermanentError):
 
 class UnroutableEventError(PermanentError):
     """No loaded workflow starts on this event."""
+
+
+class TenantError(PermanentError):
+    """A trigger event names a tenant its source may not start runs for (the body and the
+    signed or configured tenant disagree); see docs/tenancy.md."""
+
+
+class RunTimeoutError(TransientError):
+    """A run started by :meth:`agentfabric.client.Client.run` had no result within the
+    timeout; the run may still finish: its result can be read later by its run id."""
+
+    def __init__(self, message: str, *, run_id: str, workflow: str) -> None:
+        super().__init__(message)
+        self.run_id, self.workflow = run_id, workflow
 
 
 class ExpressionEvalError(PermanentError):

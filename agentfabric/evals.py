@@ -8,6 +8,8 @@ import contextlib
 import time
 import uuid
 
+from redis.asyncio import Redis
+
 from agentfabric.worker import background_worker
 from agents.engine import Engine, run_id_for
 from agents.evals import CaseResult, EvalReport, EvalSuite, check
@@ -19,6 +21,7 @@ from streams.topics import TopicNames
 from .app import provision
 from .errors import MessageValidationError
 from .settings import Settings
+from .tenancy import TenantSigner
 
 __all__ = ["run_eval"]
 
@@ -77,14 +80,18 @@ async def _publish_and_collect(
                                             lambda _: len(found) == len(runs), each=arrived))
     producer = Producer(settings, client_id="agentfabric-eval")
     await producer.start()
+    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    signer = TenantSigner(settings, redis)  # each event signed for its tenant
     sent_at: list[float] = []
     try:
         for event in events:
+            headers = await signer.headers(event.tenant, event.event_id)
             sent_at.append(time.perf_counter())
             await producer.send_all([Outgoing.of(names.trigger(event.source), event.event_id,
-                                                 event)])
+                                                 event, headers)])
     finally:
         await producer.stop()
+        await redis.aclose()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(reader), timeout_s)
     reader.cancel()  # after a timeout: what arrived is in `found`

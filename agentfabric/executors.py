@@ -34,6 +34,7 @@ from streams.topics import TopicNames
 from .approvals import APPROVAL_HEADER, ApprovalStore
 from .errors import TransientError
 from .settings import Settings
+from .tenancy import TenantVerifier
 
 __all__ = ["ApprovalRegistrar", "DecisionExecutor", "RetryExecutor", "RouterExecutor",
            "StepExecutor", "approval_executors", "executors_for"]
@@ -42,10 +43,14 @@ __all__ = ["ApprovalRegistrar", "DecisionExecutor", "RetryExecutor", "RouterExec
 class RouterExecutor:
     """Reads every trigger topic; starts the runs of each workflow an event triggers."""
 
-    def __init__(self, engine: Engine, names: TopicNames, settings: Settings) -> None:
+    def __init__(self, engine: Engine, names: TopicNames, settings: Settings,
+                 tenancy: TenantVerifier | None = None) -> None:
         self.engine = engine
         self.names = names
         self.name = "router"
+        # without the signing secret no signature verifies: every event gets its source's
+        # policy (the worker loads the secret from Redis and passes a verifier)
+        self.tenancy = tenancy or TenantVerifier(None, settings.trigger_tenants)
         self.group = names.router_group
         self.sources = {names.trigger(s): s for s in engine.workflows.sources()}
         self.topics = list(self.sources)
@@ -55,7 +60,7 @@ class RouterExecutor:
 
     def decode(self, record: ConsumerRecord) -> Job:
         source = self.sources.get(record.topic, "")
-        event = decode_trigger(record, source)
+        event = decode_trigger(record, source, self.tenancy.tenant_of)
         done = f"trigger:{event.tenant}:{event.source}:{event.event_id}"
         replay_of = header_text(record, REPLAY_HEADER)
         return Job(message=event, dedupe_key=f"{done}:replay:{replay_of}" if replay_of else done,
@@ -292,13 +297,14 @@ def approval_executors(engine: Engine, settings: Settings,
 
 
 def executors_for(engine: Engine, settings: Settings, workflows: Sequence[str], *,
-                  router: bool = True) -> list[RouterExecutor | StepExecutor | RetryExecutor]:
-    """The router (if asked), one executor per step of ``workflows``, and the retry tiers of
-    those steps."""
+                  router: bool = True, tenancy: TenantVerifier | None = None,
+                  ) -> list[RouterExecutor | StepExecutor | RetryExecutor]:
+    """The router (if asked, deciding tenants with ``tenancy``), one executor per step of
+    ``workflows``, and the retry tiers of those steps."""
     names = TopicNames(settings.topic_prefix)
     found: list[RouterExecutor | StepExecutor | RetryExecutor] = []
     if router:
-        found.append(RouterExecutor(engine, names, settings))
+        found.append(RouterExecutor(engine, names, settings, tenancy))
     steps = [(name, step) for name in workflows for step in engine.workflows.step_ids(name)]
     found.extend(StepExecutor(engine, names, settings, name, step) for name, step in steps)
     if steps:

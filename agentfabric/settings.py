@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import SettingsError
+from .tenancy import TenantPolicy
 
 __all__ = ["ENV_PREFIX", "Settings", "load_settings"]
 
@@ -155,6 +156,37 @@ class Settings(BaseSettings):
         default=1.0, gt=0, le=3_600,
         description="How often a worker looks for approval requests past their expiry (any "
                     "replica may; exactly one ends each run).")
+    run_events_max_s: float = Field(
+        default=300.0, gt=0, le=86_400,
+        description="Longest one `GET /runs/{id}/events` stream stays open (the client "
+                    "reconnects to go on watching).")
+    tenant_signing_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret signing the tenant of the trigger events agentfabric publishes "
+                    "(header af-tenant-sig); unset: a random secret per deployment kept in "
+                    "Redis (<prefix>:tenancy:secret). See docs/tenancy.md.")
+    trigger_tenants: dict[str, TenantPolicy] = Field(
+        default_factory=dict,
+        description="Tenant policy of unsigned events per trigger source, as a JSON object: "
+                    '{"crm": {"fixed": "acme"}} or {"crm": {"header": "x-tenant", "allow": '
+                    '["acme", "globex"]}}; a source not listed runs its unsigned events as '
+                    "tenant default (a body naming another tenant is dead-lettered).")
+    ingress_host: str = Field(default="127.0.0.1",
+                              description="Listen address of `agentfabric ingress`.")
+    ingress_port: int = Field(default=18090, ge=0, le=65535,
+                              description="Port of `agentfabric ingress` (webhooks, run API).")
+    ingress_sources_file: Path | None = Field(
+        default=None,
+        description="YAML file of webhook sources (signature scheme, secret variable, tenant, "
+                    "payload mapping); unset: no webhook source is accepted.")
+    ingress_max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="Largest webhook body accepted (a source may set a lower "
+                    "max_body_bytes); larger bodies get 413.")
+    ingress_send_timeout_s: float = Field(
+        default=5.0, gt=0, le=120,
+        description="Longest the ingress waits for the broker to acknowledge a delivery's "
+                    "events; past it the answer is 503 with Retry-After.")
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -29,6 +29,7 @@ from .approvals import ApprovalStore, DecisionPublisher, RedisApprovalGrants, sw
 from .errors import StackError
 from .executors import approval_executors, executors_for
 from .settings import Settings
+from .tenancy import TenantVerifier
 
 __all__ = ["Worker", "background_worker", "connect_redis"]
 
@@ -138,7 +139,8 @@ class Worker:
                                       self.settings.approval_expiry_s)
             await self._connect_gateway(redis, stack)
             self.runtime = Runtime(self.settings, [
-                *executors_for(self.engine, self.settings, self.selected, router=self.router),
+                *executors_for(self.engine, self.settings, self.selected, router=self.router,
+                               tenancy=await TenantVerifier.load(self.settings, redis)),
                 *approval_executors(self.engine, self.settings, approvals)], shared)
             announce = asyncio.create_task(self._announce_ready(self.runtime))
             publisher = DecisionPublisher(self.settings, shared, "agentfabric-approvals")

@@ -38,6 +38,9 @@ class _WorkflowFile(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0)
     record: bool = Field(default=False, description="Record model and tool interactions so "
                                                     "`agentfabric runs replay` can re-run.")
+    input_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON schema of the run's input (what the MCP server and "
+                                  "clients show); checked to be a valid schema at load.")
 
 
 def sample_workflows_dir() -> Path:
@@ -154,7 +157,25 @@ def parse_workflow(data: Any, file: str) -> Workflow:
         _check_references(file, None, "trigger.when", when, set())
     return Workflow(name=doc.name, version=doc.version, description=doc.description,
                     trigger=doc.trigger, steps=steps, file=file, output=output, when=when,
-                    timeout_s=doc.timeout_s, record=doc.record)
+                    timeout_s=doc.timeout_s, record=doc.record,
+                    input_schema=_input_schema(doc.input_schema, file))
+
+
+def _input_schema(schema: dict[str, Any] | None, file: str) -> dict[str, Any] | None:
+    if schema is None:
+        return None
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise WorkflowError(f"not a valid JSON schema{f' at {where}' if where else ''}: "
+                            f"{exc.message}", file=file, field="input_schema") from exc
+    if schema.get("type", "object") != "object":
+        raise WorkflowError("a workflow's input is a JSON object: use type: object",
+                            file=file, field="input_schema")
+    return schema
 
 
 def load_workflow(path: Path) -> Workflow:

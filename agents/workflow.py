@@ -62,6 +62,7 @@ class Workflow:
     when: Expression | None = None
     timeout_s: float | None = None
     record: bool = False
+    input_schema: dict[str, Any] | None = None  # JSON schema of the run's input
     _by_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from producers that are not agentfabric (Kafka Connect, Debezium, another team's
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from aiokafka import ConsumerRecord
 from pydantic import ValidationError
@@ -13,7 +14,7 @@ from schemas.models import StepMessage, TriggerEvent
 from schemas.serde import SCHEMA_HEADER, decode, header_value, validation_reason
 
 __all__ = ["FIRST_FAILURE_HEADER", "REPLAY_HEADER", "RETRY_DUE_HEADER", "TRACE_HEADER",
-           "decode_trigger", "header_ms", "header_text", "trace_header", "trace_of"]
+           "TenantOf", "decode_trigger", "header_ms", "header_text", "trace_header", "trace_of"]
 
 TRACE_HEADER = "traceparent"
 RETRY_DUE_HEADER = "af-retry-due"          # epoch ms when a run on a retry topic is due
@@ -21,10 +22,19 @@ FIRST_FAILURE_HEADER = "af-first-failure"  # epoch ms of a run's first failed at
 REPLAY_HEADER = "af-replay-of"  # the dead letter a replayed record came from
 
 
-def decode_trigger(record: ConsumerRecord, source: str) -> TriggerEvent:
-    """An agentfabric (Avro) trigger, or a plain JSON event from any other producer."""
+TenantOf = Callable[[ConsumerRecord, TriggerEvent, str | None], str]
+"""The tenant a trigger record's runs belong to, given the decoded event and the tenant its
+body names (None: no tenant in a JSON body); raises a PermanentError to refuse the record."""
+
+
+def decode_trigger(record: ConsumerRecord, source: str,
+                   tenant_of: TenantOf | None = None) -> TriggerEvent:
+    """An agentfabric (Avro) trigger, or a plain JSON event from any other producer; with
+    ``tenant_of``, the event's tenant is the one it decides (see agentfabric.tenancy)."""
+    named: str | None
     if header_value(record.headers, SCHEMA_HEADER) is not None:
         event = decode(record.value, record.headers, TriggerEvent)
+        named = event.tenant
     else:
         try:
             data = json.loads(record.value or b"")
@@ -43,10 +53,15 @@ def decode_trigger(record: ConsumerRecord, source: str) -> TriggerEvent:
         except ValidationError as exc:
             raise MessageValidationError(f"the event does not fit the TriggerEvent schema: "
                                          f"{validation_reason(exc)}") from exc
+        named = event.tenant if "tenant" in data else None
     if event.source != source:
         raise MessageValidationError(f"the event says source '{event.source}' but arrived on "
                                      f"the trigger topic of '{source}'; publish it to that "
                                      f"source's topic")
+    if tenant_of is not None:
+        tenant = tenant_of(record, event, named)
+        if tenant != event.tenant:
+            event = event.model_copy(update={"tenant": tenant})
     return event
 
 

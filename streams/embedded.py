@@ -212,13 +212,9 @@ class EmbeddedStack:
         for name in SERVICES if services else ():
             _check_port(self.host, self.service_ports[name], f"AGENTFABRIC_{name.upper()}_PORT")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        listener = f"tcp://{self.host}:{self.broker_port}"
         started: list[tuple[ManagedProcess, subprocess.Popen[bytes], Callable[[], bool]]] = []
         try:
-            broker, popen = self._spawn("broker", broker_binary(), self.broker_port,
-                                        ["broker", "--listener-url", listener,
-                                         "--advertised-listener-url", listener,
-                                         "--storage-engine", "memory://tansu/"])
+            broker, popen = self._spawn_broker(self.host, self.broker_port)
             started.append((broker, popen, partial(_accepts, self.host, self.broker_port)))
             self._clear_redis_data()
             redis, popen = self._spawn_redis(self.host, self.redis_port)
@@ -279,6 +275,33 @@ class EmbeddedStack:
                                     services=info.services))
         return redis
 
+    def stop_broker(self) -> ManagedProcess | None:
+        """Stop only the recorded broker, by pid (an outage as clients see it); Redis keeps
+        running and the record stays, so ``start_broker`` can bring it back. The broker
+        keeps its data in memory: it comes back empty (provision topics again). Returns the
+        process stopped, or None if it was not running."""
+        info = self._recorded()
+        if not self._terminate(info.broker):
+            return None
+        return info.broker
+
+    def start_broker(self) -> ManagedProcess:
+        """Start the broker again on its recorded host and port; records the new pid."""
+        info = self._recorded()
+        if pid_alive(info.broker.pid, info.broker.binary):
+            raise StackError(f"the embedded broker (pid {info.broker.pid}) is already "
+                             f"running; stop it first")
+        _check_port(info.host, info.broker.port, "AGENTFABRIC_BROKER_PORT")
+        broker, popen = self._spawn_broker(info.host, info.broker.port)
+        try:
+            self._wait_ready(broker, popen, lambda: _accepts(info.host, info.broker.port))
+        except BaseException:
+            self._terminate(broker)
+            raise
+        self._write_state(StackInfo(broker=broker, redis=info.redis, host=info.host,
+                                    services=info.services))
+        return broker
+
     def _recorded(self) -> StackInfo:
         try:
             return self._read_state()
@@ -312,6 +335,13 @@ class EmbeddedStack:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+    def _spawn_broker(self, host: str, port: int,
+                      ) -> tuple[ManagedProcess, subprocess.Popen[bytes]]:
+        listener = f"tcp://{host}:{port}"
+        return self._spawn("broker", broker_binary(), port, [
+            "broker", "--listener-url", listener, "--advertised-listener-url", listener,
+            "--storage-engine", "memory://tansu/"])
 
     def _spawn_redis(self, host: str, port: int,
                      ) -> tuple[ManagedProcess, subprocess.Popen[bytes]]:

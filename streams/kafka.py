@@ -45,11 +45,14 @@ class Outgoing:
 class Producer:
     """A started producer; ``send_all`` returns once the broker acknowledged every message."""
 
-    def __init__(self, settings: Settings, client_id: str = "agentfabric") -> None:
+    def __init__(self, settings: Settings, client_id: str = "agentfabric", *,
+                 request_timeout_ms: int = 30_000) -> None:
+        """``request_timeout_ms`` bounds how long a send waits for its acknowledgement (and
+        for metadata) before it fails as unavailable; the ingress keeps it short."""
         self._settings = settings
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap_servers, client_id=client_id, acks="all",
-            enable_idempotence=False, linger_ms=0, request_timeout_ms=30_000)
+            enable_idempotence=False, linger_ms=0, request_timeout_ms=request_timeout_ms)
 
     async def start(self) -> None:
         try:

@@ -77,7 +77,7 @@ def own_stack(tmp_path: Path) -> Iterator[tuple[EmbeddedStack, StackInfo]]:
     finally:
         last = embedded.running() or info
         embedded.stop()
-        for proc in (info.broker, info.redis, last.redis):
+        for proc in (info.broker, info.redis, last.broker, last.redis):
             assert not pid_alive(proc.pid, proc.binary)
 
 

@@ -6,6 +6,7 @@
 - ``webhooks``  ``POST /webhooks/{source}``
 - ``keys``      per-tenant API keys (hashed in Redis) and ``agentfabric keys``
 - ``runs``      ``POST /runs``, ``GET /runs/{id}``, ``GET /runs/{id}/events``
+- ``runstore`` run status in Redis (``<prefix>:runs:<id>``), filled from the result topics
 - ``app``       the Starlette app and the uvicorn server, liveness and readiness
 
 Nothing happens on import.

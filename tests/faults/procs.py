@@ -53,11 +53,12 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     differs from its default as an ``AGENTFABRIC_*`` variable, no other ``AGENTFABRIC_*``
     (an unknown one is refused at start-up)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTFABRIC_")}
+    dumped = settings.model_dump(mode="json")  # nested models (trigger_tenants) as JSON
     for name, info in Settings.model_fields.items():
         value = getattr(settings, name)
         if value is None or value == info.get_default(call_default_factory=True):
             continue
-        text = json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
+        text = json.dumps(dumped[name]) if isinstance(value, list | dict) else str(value)
         env[f"AGENTFABRIC_{name.upper()}"] = text
     env.update(extra)
     return env

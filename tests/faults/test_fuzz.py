@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from agentfabric.settings import Settings
+from agentfabric.tenancy import TenantPolicy
 from schemas.models import DeadLetter, RunResult
 from streams.kafka import Outgoing, Producer
 from streams.topics import TopicNames
@@ -53,6 +54,9 @@ ALLOWED_ERRORS = {"DecodeError", "MessageValidationError", "UnroutableEventError
 
 async def test_fuzzed_records_never_stop_the_worker(settings: Settings,
                                                    tmp_path: Path) -> None:
+    # the foreign JSON events name tenant acme: their sources are configured so
+    acme = TenantPolicy(fixed="acme")
+    settings = settings.model_copy(update={"trigger_tenants": {"crm": acme, "erp": acme}})
     names = TopicNames(settings.topic_prefix)
     await provision(settings)
     probed = time.monotonic()

@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from agentfabric.app import build_engine, provision
 from agentfabric.errors import TransientError
 from agentfabric.settings import Settings
+from agentfabric.tenancy import TenantPolicy
 from agentfabric.worker import background_worker
 from schemas.models import DeadLetter
 from streams.batching import PipelinedRedis
@@ -249,7 +250,9 @@ async def test_a_dead_letter_cut_short_replays_its_full_value_from_the_claim_che
     and one whose claim check expired is reported, not replayed as the excerpt."""
     from redis.asyncio import Redis
 
-    big = settings.model_copy(update={"claim_check_bytes": 64 * 1024})
+    # the dead letter came from a foreign producer whose crm events are acme's
+    big = settings.model_copy(update={"claim_check_bytes": 64 * 1024, "trigger_tenants": {
+        "crm": TenantPolicy(fixed="acme")}})
     env = {**settings_env(big), "AGENTFABRIC_CLAIM_CHECK_BYTES": str(64 * 1024)}
     names = TopicNames(big.topic_prefix)
     event = {"event_type": "lead.created", "event_id": "huge-1", "tenant": "acme",

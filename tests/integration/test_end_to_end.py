@@ -71,13 +71,17 @@ async def test_redelivered_trigger_does_not_run_twice(settings: Settings) -> Non
 
 
 async def test_plain_json_from_a_foreign_producer_starts_runs(settings: Settings) -> None:
-    """A producer that knows nothing of agentfabric: raw aiokafka, JSON values, no headers."""
+    """A producer that knows nothing of agentfabric: raw aiokafka, JSON values, no headers
+    (its sources are configured as acme's, the tenant its events name: docs/tenancy.md)."""
     import json
 
     from aiokafka import AIOKafkaProducer
 
+    from agentfabric.tenancy import TenantPolicy
     from streams.topics import TopicNames
 
+    acme = TenantPolicy(fixed="acme")
+    settings = settings.model_copy(update={"trigger_tenants": {"crm": acme, "erp": acme}})
     batch = cases(20, seed=5, first_id=500)
     async with running_worker(settings):
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)

@@ -10,6 +10,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from agentfabric.settings import Settings
+from agentfabric.tenancy import TenantPolicy
 from streams.topics import TopicNames
 
 from .helpers import (
@@ -27,6 +28,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 async def test_a_one_mib_foreign_event_does_not_stop_the_worker(settings: Settings,
                                                                 redis_client: Any) -> None:
+    # the foreign producer's events are acme's: its source is configured so (docs/tenancy.md)
+    settings = settings.model_copy(update={"trigger_tenants": {"erp": TenantPolicy(
+        fixed="acme")}})
     names = TopicNames(settings.topic_prefix)
     batch = cases(120, seed=11)
     big = {"event_type": "invoice.posted", "event_id": "huge-1", "tenant": "acme",

@@ -1,5 +1,6 @@
 """The rate limiter's logic on the in-memory limiter and a fake clock: a sliding log with
-reservations (at most ``limit`` per any window, waiting exactly until the next free moment,
+reservations, paced ``period / limit`` apart (at most ``limit`` per any window, waiting
+exactly until the next free moment,
 refusing at once when that is beyond ``max_wait_s``), and Redis errors translated. A moment
 counts for ``window_s(policy)``: the period plus a guard of 2% (at most 50 ms)."""
 
@@ -17,6 +18,7 @@ from tools.gateway.ratelimit import (
     RateLimiter,
     RedisRateLimiter,
     limit_key,
+    spacing_s,
     window_s,
 )
 from tools.gateway.spec import RateLimitPolicy
@@ -59,44 +61,49 @@ def test_memory_limiter_fits_the_protocol(limiter: MemoryRateLimiter) -> None:
     assert limit_key("crm.lookup", "acme") == "crm.lookup:acme"
 
 
-async def test_calls_under_the_limit_go_at_once(limiter: MemoryRateLimiter,
-                                                clock: FakeClock) -> None:
+async def test_calls_are_paced_evenly_and_a_quiet_key_goes_at_once(
+        limiter: MemoryRateLimiter, clock: FakeClock) -> None:
     policy = RateLimitPolicy(limit=3, period_s=1)
-    assert [await limiter.acquire("k", policy) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert clock.slept == []
+    assert spacing_s(policy) == pytest.approx(1 / 3)
+    assert [await limiter.acquire("k", policy) for _ in range(3)] == pytest.approx(
+        [0.0, 1 / 3, 1 / 3])
+    assert clock.slept == pytest.approx([1 / 3, 1 / 3])  # one sleep per call, no polling
+    clock.now += 5
+    assert await limiter.acquire("k", policy) == 0.0
 
 
 async def test_a_call_over_the_limit_waits_until_the_oldest_leaves_the_window(
         limiter: MemoryRateLimiter, clock: FakeClock) -> None:
     policy = RateLimitPolicy(limit=3, period_s=1, max_wait_s=5)
-    for _ in range(3):
-        await limiter.acquire("k", policy)
-        clock.now += 0.2
-    # calls at 1000.0, 1000.2, 1000.4; now 1000.6: the next slot is at 1001.0 + guard
+    for moment in (1000.0, 1000.34, 1000.68):  # further apart than the pacing (1/3 s)
+        clock.now = moment
+        assert await limiter.acquire("k", policy) == 0.0
+    clock.now = 1000.7
+    # the window is full until the call at 1000.0 leaves it, at 1001.0 + guard
     assert window_s(policy) == pytest.approx(1.02)
-    waited = await limiter.acquire("k", policy)
-    assert waited == pytest.approx(0.42)
+    assert await limiter.acquire("k", policy) == pytest.approx(0.32)
     assert clock.now == pytest.approx(1001.02)
-    assert clock.slept == [pytest.approx(0.42)]  # one sleep, no polling
-    # the next frees when the call at 1000.2 leaves the window
-    assert await limiter.acquire("k", policy) == pytest.approx(0.2)
+    # the next frees when the call at 1000.34 leaves the window
+    assert await limiter.acquire("k", policy) == pytest.approx(0.34)
 
 
 async def test_no_slot_within_max_wait_fails_at_once_and_reserves_nothing(
         limiter: MemoryRateLimiter, clock: FakeClock) -> None:
     policy = RateLimitPolicy(limit=2, period_s=10, max_wait_s=1)
     await limiter.acquire("crm.lookup:acme", policy)
+    clock.now += 5  # the pacing (10 s / 2)
     await limiter.acquire("crm.lookup:acme", policy)
+    slept = list(clock.slept)
     with pytest.raises(RateLimitedError) as caught:
         await limiter.acquire("crm.lookup:acme", policy)
-    assert clock.slept == []
+    assert clock.slept == slept
     reason = caught.value.reason
     assert "crm.lookup:acme" in reason
     assert "2/10s" in reason
-    assert "10.05 s" in reason  # the period and the guard (capped at 50 ms)
+    assert "5.05 s" in reason  # until the first call leaves: the period and the guard
     # the refused call took no slot: a patient caller gets the first free one
     patient = RateLimitPolicy(limit=2, period_s=10, max_wait_s=60)
-    assert await limiter.acquire("crm.lookup:acme", patient) == pytest.approx(10.05)
+    assert await limiter.acquire("crm.lookup:acme", patient) == pytest.approx(5.05)
 
 
 async def test_max_wait_zero_refuses_as_soon_as_the_window_is_full(
@@ -111,8 +118,10 @@ def test_waiting_callers_are_served_in_order_one_slot_each(
         limiter: MemoryRateLimiter) -> None:
     policy = RateLimitPolicy(limit=2, period_s=1, max_wait_s=5)
     waits = [limiter.reserve("k", policy) for _ in range(10)]
+    # paced 0.5 s apart, and no window of the period holds more than two
     step = window_s(policy)
-    assert [w for _, w in waits] == pytest.approx([i // 2 * step for i in range(10)])
+    assert [w for _, w in waits] == pytest.approx([i // 2 * step + i % 2 * 0.5
+                                                   for i in range(10)])
     assert [ok for ok, _ in waits] == [True] * 10
     refused, wait = limiter.reserve("k", policy)
     assert not refused
@@ -149,12 +158,11 @@ async def test_keys_are_limited_separately(limiter: MemoryRateLimiter) -> None:
         await limiter.acquire(limit_key("a", "t1"), policy)
 
 
-async def test_a_fractional_period_is_honoured(limiter: MemoryRateLimiter,
-                                               clock: FakeClock) -> None:
+def test_a_fractional_period_is_honoured(limiter: MemoryRateLimiter) -> None:
     policy = RateLimitPolicy(limit=10, period_s=0.5, max_wait_s=1)
-    waits = [await limiter.acquire("k", policy) for _ in range(10)]
-    assert waits == [0.0] * 10
-    assert await limiter.acquire("k", policy) == pytest.approx(0.51)
+    waits = [limiter.reserve("k", policy)[1] for _ in range(10)]
+    assert waits == pytest.approx([i * 0.05 for i in range(10)])
+    assert limiter.reserve("k", policy)[1] == pytest.approx(0.51)
 
 
 async def test_a_redis_error_is_unavailable_with_a_reason() -> None:

@@ -17,11 +17,13 @@ order they asked. A reservation whose caller is cancelled or dies is not given b
 limit errs on the safe side).
 
 A call leaves its caller a little after its moment (the reply's way back, the event loop's
-lag), and by different amounts for different calls; since a full window's calls go in one
-burst, a millisecond of that difference would let a second burst into a window the first
-one still fills, as the service sees it. So a moment stays in the log a *guard* longer
-than ``period_s`` (:func:`window_s`: 2% of the period, at most 50 ms), which costs at most
-2% of the rate. ``docs/decisions/0010-gateway-rate-limits-and-breakers.md``
+lag), and by different amounts for different calls, so what the service sees is the moments
+plus a jitter. Two rules keep that jitter from adding up: moments are *paced*, at least
+``period_s / limit`` apart (:func:`spacing_s`; a window's calls are spread over it, not
+sent in one burst that a late burst could overlap), so a jitter of one spacing adds at most
+one call to any window the service measures; and a moment stays in the log a *guard*
+longer than ``period_s`` (:func:`window_s`: 2% of the period, at most 50 ms), which costs
+at most 2% of the rate. ``docs/decisions/0010-gateway-rate-limits-and-breakers.md``
 says why this is not the ``limits`` library.
 """
 
@@ -42,7 +44,8 @@ from streams.batching import redis_unavailable
 
 from .spec import RateLimitPolicy
 
-__all__ = ["MemoryRateLimiter", "RateLimiter", "RedisRateLimiter", "limit_key", "window_s"]
+__all__ = ["MemoryRateLimiter", "RateLimiter", "RedisRateLimiter", "limit_key", "spacing_s",
+           "window_s"]
 
 _US = 1_000_000
 GUARD_FRACTION = 0.02
@@ -52,6 +55,12 @@ MAX_GUARD_S = 0.05
 def window_s(policy: RateLimitPolicy) -> float:
     """How long a call's moment counts against the limit: ``period_s`` plus the guard."""
     return policy.period_s + min(policy.period_s * GUARD_FRACTION, MAX_GUARD_S)
+
+
+def spacing_s(policy: RateLimitPolicy) -> float:
+    """The least time between two calls of one key: ``period_s / limit`` (calls are paced
+    evenly, not let through in bursts of a whole window)."""
+    return policy.period_s / policy.limit
 
 
 def limit_key(tool: str, tenant: str) -> str:
@@ -73,7 +82,7 @@ def _refused(key: str, policy: RateLimitPolicy, wait_s: float) -> RateLimitedErr
 
 
 # KEYS[1]: the key's log, a sorted set of moments (µs on Redis's clock).
-# ARGV: limit, window µs (period + guard), max wait µs, a unique member.
+# ARGV: limit, window µs (period + guard), max wait µs, a unique member, spacing µs.
 # Returns {granted 0|1, wait µs}.
 _RESERVE = """
 local limit = tonumber(ARGV[1])
@@ -86,6 +95,10 @@ local at = now
 if n >= limit then
   local kth = redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')
   at = math.max(now, tonumber(kth[2]) + window)
+end
+if n > 0 then
+  local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  at = math.max(at, tonumber(newest[2]) + tonumber(ARGV[5]))
 end
 if at - now > tonumber(ARGV[3]) then return {0, at - now} end
 redis.call('ZADD', KEYS[1], string.format('%d', at), ARGV[4])
@@ -109,7 +122,8 @@ class RedisRateLimiter:
             granted, wait_us = await self._reserve(
                 keys=[f"{self._prefix}:{key}"],
                 args=[policy.limit, round(window_s(policy) * _US),
-                      round(policy.max_wait_s * _US), uuid.uuid4().hex])
+                      round(policy.max_wait_s * _US), uuid.uuid4().hex,
+                      round(spacing_s(policy) * _US)])
         except RedisError as exc:
             raise redis_unavailable(exc, doing=f"taking a rate-limit slot of '{key}'") from exc
         wait_s = int(wait_us) / _US
@@ -139,6 +153,8 @@ class MemoryRateLimiter:
         at = now
         if len(log) >= policy.limit:
             at = max(now, log[len(log) - policy.limit] + window)
+        if log:
+            at = max(at, log[-1] + spacing_s(policy))
         if at - now > policy.max_wait_s:
             return False, at - now
         log.append(at)

@@ -4,7 +4,6 @@ read results. Each function takes validated :class:`Settings`."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator, Sequence
 
 from pydantic import ValidationError
@@ -15,13 +14,14 @@ from agents.models import ModelClient, load_registry
 from agents.workflow import WorkflowSet
 from schemas.models import RunResult, StepRecording, TriggerEvent
 from schemas.serde import decode, validation_reason
-from streams.kafka import Outgoing, Producer
+from streams.kafka import Outgoing, Producer, kafka_client_options
 from streams.reader import read_topic
 from streams.topics import TopicNames, apply_topics
 from tools.knowledge import KnowledgeBase
 from tools.registry import ToolRegistry
 
 from .errors import ConfigError, MessageValidationError
+from .logs import LogFormat, configure_logging
 from .settings import Settings
 
 __all__ = [
@@ -39,10 +39,10 @@ __all__ = [
 ]
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+def setup_logging(level: str = "INFO", fmt: LogFormat = "json") -> None:
+    """Structured logs for a long-running process (agentfabric.logs): JSON lines on stderr,
+    or ``console`` lines for a person."""
+    configure_logging(level, fmt)
 
 
 def build_models(settings: Settings) -> ModelClient:
@@ -52,13 +52,13 @@ def build_models(settings: Settings) -> ModelClient:
 
 def build_knowledge(settings: Settings, models: ModelClient | None = None) -> KnowledgeBase:
     """The configured vector store and embedder (nothing connects or loads until used)."""
+    import tools.vectors
     from tools.vectors import (
         EmbeddedVectorStore,
         Embedder,
         MiniLMEmbedder,
         OpenAIEmbedder,
         VectorStore,
-        WeaviateVectorStore,
     )
 
     store: VectorStore
@@ -66,7 +66,8 @@ def build_knowledge(settings: Settings, models: ModelClient | None = None) -> Kn
         assert settings.weaviate_url is not None  # checked by the settings
         key = settings.weaviate_api_key.get_secret_value() if settings.weaviate_api_key \
             else None
-        store = WeaviateVectorStore(settings.weaviate_url, api_key=key)
+        # imported here: the Weaviate client is an extra (a ConfigError names it if missing)
+        store = tools.vectors.WeaviateVectorStore(settings.weaviate_url, api_key=key)
     else:
         store = EmbeddedVectorStore(settings.vector_dir)
     embedder: Embedder
@@ -102,7 +103,7 @@ def required_topics(workflows: WorkflowSet, names: TopicNames,
                     retry_tiers_s: Sequence[float] = ()) -> list[str]:
     """Every topic the loaded workflows read or write (with each step's retry tiers)."""
     topics = {names.dlq, names.approvals, names.decisions, names.recordings,
-              names.audit}
+              names.audit, names.run_events}
     topics.update(names.trigger(source) for source in workflows.sources())
     for name in workflows.names():
         topics.add(names.results(name))
@@ -118,7 +119,8 @@ async def provision(settings: Settings, engine: Engine) -> dict[str, str]:
                              settings.retry_tiers_s)
     return await apply_topics(settings.bootstrap_servers, topics,
                               partitions=settings.partitions,
-                              replication_factor=settings.replication_factor)
+                              replication_factor=settings.replication_factor,
+                              client_options=kafka_client_options(settings))
 
 
 def resolve_trigger_topic(settings: Settings, topic: str) -> tuple[str, str]:

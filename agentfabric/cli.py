@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import shlex
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from .cli_agents import register as register_agent_commands
 from .cli_approvals import approvals_app
@@ -19,14 +21,24 @@ from .cli_common import err, out, run
 from .cli_common import settings as settings_
 from .cli_dlq import dlq_app
 from .cli_keys import keys_app
+from .cli_ledger import register as register_ledger_commands
 from .cli_mcp import register as register_mcp_command
 from .cli_tools import tools_app
 from .errors import AgentFabricError, ConfigError
+from .logs import configure_logging
+from .redaction import redact_value
 from .settings import Settings
 
 __all__ = ["app", "main"]
 
 T = TypeVar("T")
+
+
+class LogFormatOption(enum.Enum):
+    json = "json"
+    console = "console"
+
+
 app = typer.Typer(
     name="agentfabric", no_args_is_help=True, add_completion=False,
     pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -152,8 +164,9 @@ def results(
     async def collect() -> list[Any]:
         rows = []
         async for result in read_results(s, workflow, follow=follow):
-            if follow or as_json:
-                print(result.model_dump_json(), flush=True)
+            if follow or as_json:  # payload-derived: secrets redacted, still valid JSON
+                print(json.dumps(redact_value(result.model_dump(mode="json")),
+                                 separators=(",", ":"), ensure_ascii=False), flush=True)
             else:
                 rows.append(result)
         return rows
@@ -172,13 +185,20 @@ def worker(
         "--workflow", "-w", help="Run only this workflow's steps (repeatable).")] = None,
     router: Annotated[bool, typer.Option(help="Also route trigger events to workflows.")] = True,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING.")] = "INFO",
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics on this port (0: off; default "
+             "AGENTFABRIC_METRICS_PORT).")] = None,
+    log_format: Annotated[LogFormatOption, typer.Option(
+        help="json: one JSON object a line (for log shippers); console: for a person.")]
+    = LogFormatOption.json,
 ) -> None:
-    """Run step consumers (and the router) until SIGTERM/SIGINT; in-flight work finishes."""
+    """Run step consumers (and the router) until SIGTERM/SIGINT; in-flight work finishes.
+    Prometheus metrics are served at http://<metrics_host>:<metrics_port>/metrics."""
     from .app import build_engine, setup_logging
     from .worker import Worker
 
-    setup_logging(log_level)
-    s = settings_()
+    setup_logging(log_level, "console" if log_format is LogFormatOption.console else "json")
+    s = settings_(metrics_port=metrics_port)
     w = Worker(s, build_engine(s), workflows=workflow, router=router)
 
     async def serve() -> None:
@@ -241,17 +261,19 @@ def showsettings_() -> None:
 
 register_agent_commands(app)
 register_mcp_command(app)
+register_ledger_commands(app)
 
 
 def main() -> None:
-    # one-shot commands report failures as one error line; `worker` logs in full
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # one-shot commands report failures as one error line, their warnings as console lines
+    # (redacted like every log line); `worker`, `ingress` and `mcp` log JSON lines in full
+    configure_logging(logging.WARNING, "console")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         app()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+    except ConfigError as exc:  # escaped: messages name extras like agentfabric[local]
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except AgentFabricError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(1)

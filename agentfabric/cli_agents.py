@@ -185,6 +185,8 @@ def model_server(
                                                      "shipped demo script.")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default AGENTFABRIC_MODEL_SERVER_PORT)"
                                                   "; 0 picks a free one.")] = None,
+    host: Annotated[str, typer.Option(help="Listen address (0.0.0.0 in a container).")]
+    = "127.0.0.1",
 ) -> None:
     """Serve a local OpenAI-compatible model (chat with tool calls, embeddings, usage) driven by
     a deterministic script, with latency and fault injection. For tests and offline demos."""
@@ -195,7 +197,8 @@ def model_server(
     loaded = ModelScript.load(script or _demo_script())
 
     async def serve_until_stopped() -> None:
-        handle = await serve(loaded, port=s.model_server_port if port is None else port)
+        handle = await serve(loaded, host=host,
+                             port=s.model_server_port if port is None else port)
         out.print(f"model server on {handle.url} (script {script or 'demo'}); Ctrl-C stops it")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ import typer
 
 from .cli_common import out, run
 from .cli_common import settings as settings_
+from .redaction import terminal_text
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -84,7 +85,7 @@ def _table(requests: list[Request], now: datetime, *, show_state: bool) -> Table
                 what = request.decision.note or request.decision.reason
                 state += f" by {request.decision.by}" + (f": {what}" if what else "")
             row.append(state)
-        table.add_row(*row)
+        table.add_row(*(terminal_text(cell) for cell in row))  # payload-derived text
     return table
 
 

@@ -10,6 +10,7 @@ import typer
 from .cli_common import out, run
 from .cli_common import settings as settings_
 from .errors import ConfigError, PermanentError
+from .redaction import terminal_text
 
 if TYPE_CHECKING:
     from schemas.models import DeadLetter
@@ -150,13 +151,14 @@ def dlq_replay(
             replays.append(plan)
         else:
             failed += 1
-            out.print(f"cannot replay {plan.dead_letter_id}: {plan.why}", highlight=False)
+            out.print(f"cannot replay {plan.dead_letter_id}: {terminal_text(plan.why)}",
+                      highlight=False)
 
     def report(replay: Replay, refused: PermanentError | None) -> None:
         nonlocal failed
         if refused is not None:
             failed += 1
-            out.print(f"cannot replay {replay.dead_letter_id}: {refused.reason}",
+            out.print(f"cannot replay {replay.dead_letter_id}: {terminal_text(refused.reason)}",
                       highlight=False)
             return
         _print_replay(replay, "would replay" if dry_run else "replayed", marks)
@@ -180,7 +182,7 @@ def dlq_replay(
 def _print_replay(replay: Replay, verb: str, marks: Marks) -> None:
     key = replay.message.key.decode("utf-8", "replace") if replay.message.key else "-"
     what = f"run {replay.run}" if replay.run else f"key {key}"
-    out.print(f"{verb} {replay.dead_letter_id} -> {replay.message.topic}  {what}",
+    out.print(f"{verb} {replay.dead_letter_id} -> {replay.message.topic}  {terminal_text(what)}",
               highlight=False)
     before = marks.replayed.get(replay.dead_letter_id)
     if before is not None:
@@ -188,7 +190,7 @@ def _print_replay(replay: Replay, verb: str, marks: Marks) -> None:
                   f"letter's replay once, so this does nothing if that replay arrived",
                   highlight=False)
     if replay.note:
-        out.print(f"  note: {replay.note}", highlight=False)
+        out.print(f"  note: {terminal_text(replay.note)}", highlight=False)
 
 
 def _workflow_timeouts(settings: Settings) -> WorkflowTimeout:

@@ -121,6 +121,8 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
                     if c.name not in ("router", "retry", "approvals", "decisions"))
         out.print(f"worker ready: router + {steps} step consumers (+ retry, approvals and "
                   f"decisions)")
+        if worker.metrics_url:
+            out.print(f"metrics at {worker.metrics_url}")
         t0 = time.monotonic()
         expected: dict[str, set[str]] = {}
         for source, batch in events.items():

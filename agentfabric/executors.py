@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from aiokafka import ConsumerRecord
 
 from agents.engine import Decision, Emitted, Engine, root_run_id
-from schemas.models import ApprovalDecision, HandOff, RunResult, StepMessage, TriggerEvent
+from schemas.models import (
+    ApprovalDecision,
+    HandOff,
+    RunResult,
+    StepMessage,
+    TriggerEvent,
+    utc_now,
+)
 from schemas.serde import decode, unseal
 from streams.codec import (
     FIRST_FAILURE_HEADER,
@@ -33,6 +40,7 @@ from streams.topics import TopicNames
 
 from .approvals import APPROVAL_HEADER, ApprovalStore
 from .errors import TransientError
+from .ledger import step_event
 from .settings import Settings
 from .tenancy import TenantVerifier
 
@@ -123,11 +131,15 @@ class StepExecutor:
         # the replay is meant to get past
         journal = message.idempotency_key + (f":replay:{job.replay_of}" if job.replay_of
                                              else "")
+        started, clock = utc_now(), time.perf_counter()
         run = await self.engine.run_step(message, journal_key=journal,
                                          approval_of=job.approval_of)
         out = [self._route(emitted) for emitted in run.emitted]
         if run.recording is not None:
             out.append(Emit(self.names.recordings, root_run_id(message), run.recording))
+        # the run ledger's event: one small record, acknowledged with the outputs
+        out.append(Emit(self.names.run_events, message.run_id, step_event(
+            message, run.emitted, started, (time.perf_counter() - clock) * 1000)))
         return out
 
     def retry(self, job: Job, error: TransientError) -> Emit | None:

@@ -11,15 +11,38 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import SettingsError
 from .tenancy import TenantPolicy
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+__all__ = ["ENV_PREFIX", "Settings", "TenantBudget", "load_settings"]
 
 ENV_PREFIX = "AGENTFABRIC_"
+
+
+class TenantBudget(BaseModel):
+    """What one tenant's runs may spend on models per window of ``period_s`` seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    period_s: float = Field(default=86_400.0, gt=0, le=366 * 86_400)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> TenantBudget:
+        if self.max_tokens is None and self.max_cost_usd is None:
+            raise ValueError("a tenant budget needs max_tokens, max_cost_usd or both")
+        return self
 
 
 class Settings(BaseSettings):
@@ -30,6 +53,19 @@ class Settings(BaseSettings):
     bootstrap_servers: str = Field(
         default="127.0.0.1:19092",
         description="Kafka bootstrap servers, comma separated (a real cluster in production).")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How every Kafka client talks to the brokers.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="SASL mechanism (security_protocol SASL_*).")
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password.")
+    ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle (PEM) to verify the brokers (SSL, SASL_SSL); "
+                                  "unset: the system's trusted CAs.")
+    ssl_certfile: Path | None = Field(default=None,
+                                      description="Client certificate (PEM) for mutual TLS.")
+    ssl_keyfile: Path | None = Field(default=None,
+                                     description="Private key (PEM) of ssl_certfile.")
     redis_url: str = Field(default="redis://127.0.0.1:16379/0", description="Redis URL.")
     topic_prefix: str = Field(default="af", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,48}$",
                               description="Prefix of every topic and consumer group.")
@@ -85,6 +121,12 @@ class Settings(BaseSettings):
         default=50, ge=1, le=100_000,
         description="Tool calls one run may make in all; a run that would make more is "
                     "ended with status tool_call_limit (a runaway agent is stopped).")
+    tenant_budgets: dict[str, TenantBudget] = Field(
+        default_factory=dict,
+        description="Model tokens and cost each tenant may spend per period, as a JSON "
+                    'object: {"acme": {"max_tokens": 1000000, "max_cost_usd": 20, '
+                    '"period_s": 86400}}; a run that would pass its tenant\'s budget ends '
+                    "with status budget_exceeded. Tenants not listed are not limited.")
     max_steps_per_run: int = Field(default=100, ge=1, le=10_000,
                                    description="A run that executes more steps is dead-lettered "
                                                "(runaway loop guard).")
@@ -147,6 +189,13 @@ class Settings(BaseSettings):
                     "process (tokens are minted and checked by the same worker).")
     shutdown_timeout_s: float = Field(default=30.0, gt=0,
                                       description="How long SIGTERM waits for in-flight work.")
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535,
+        description="Port a worker serves Prometheus metrics on (GET /metrics); 0: off. A "
+                    "port already taken is logged and metrics are not served.")
+    metrics_host: str = Field(default="127.0.0.1",
+                              description="Listen address of the worker's metrics endpoint "
+                                          "(0.0.0.0 for a scraper on another host).")
     approval_expiry_s: float = Field(
         default=86_400.0, gt=0, le=90 * 86_400,
         description="How long a run waits for a person's decision (an approval step or a "
@@ -229,6 +278,41 @@ class Settings(BaseSettings):
         if self.embedder == "openai" and not self.embedding_model:
             raise ValueError("embedder=openai needs AGENTFABRIC_EMBEDDING_MODEL (a model "
                              "name from the model registry)")
+        return self
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        protocol = self.security_protocol
+        if protocol.startswith("SASL_"):
+            missing = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                       if not getattr(self, name)]
+            if missing:
+                raise ValueError(f"security_protocol={protocol} needs " + ", ".join(
+                    ENV_PREFIX + name.upper() for name in missing))
+        elif self.sasl_mechanism or self.sasl_username or self.sasl_password:
+            raise ValueError(f"SASL settings are set but security_protocol={protocol}; set "
+                             f"{ENV_PREFIX}SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT)")
+        files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile,
+                 "ssl_keyfile": self.ssl_keyfile}
+        given = [name for name, path in files.items() if path is not None]
+        if given and not protocol.endswith("SSL"):
+            raise ValueError(f"{', '.join(given)} set but security_protocol={protocol}; set "
+                             f"{ENV_PREFIX}SECURITY_PROTOCOL=SSL (or SASL_SSL)")
+        for name, path in files.items():
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile needs ssl_certfile")
+        if protocol.endswith("SSL"):
+            import ssl
+
+            from aiokafka.helpers import create_ssl_context
+
+            try:
+                create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
+                                   keyfile=self.ssl_keyfile)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"cannot build the Kafka TLS context: {exc}") from exc
         return self
 
     @property

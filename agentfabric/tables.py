@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agentfabric.errors import PermanentError
+from agentfabric.redaction import redact, redact_value, strip_control, terminal_text
 from agents.evals import EvalReport
 from agents.workflow import WorkflowSet
 from schemas.models import AvroModel, DeadLetter, RunResult, StepMessage, TriggerEvent
@@ -27,11 +28,13 @@ MAX_OUTPUT_COLUMNS = 7
 
 
 def _cell(value: Any) -> str:
+    """A payload-derived value as a table cell: redacted, without control sequences, its rich
+    markup escaped (agentfabric.redaction.terminal_text)."""
     if value is None:
         return "-"
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+        return terminal_text(json.dumps(redact_value(value), separators=(",", ":")))
+    return terminal_text(value)
 
 
 def workflows_table(workflows: WorkflowSet, names: TopicNames) -> Table:
@@ -55,14 +58,16 @@ def results_table(workflow: str, results: Sequence[RunResult]) -> Table:
     table.add_column("run", no_wrap=True, min_width=8)
     table.add_column("event", no_wrap=True, min_width=12)
     for key in keys or ["output"]:
-        table.add_column(key, no_wrap=True, overflow="ellipsis", max_width=28)
+        table.add_column(_cell(key), no_wrap=True, overflow="ellipsis", max_width=28)
     table.add_column("steps", justify="right", min_width=5, no_wrap=True)
     table.add_column("ms", justify="right", min_width=5, no_wrap=True)
     for r in results:
-        values = ([_cell(r.output.get(k)) for k in keys] if keys and isinstance(r.output, dict)
-                  else [_cell(r.output)])
+        output = redact_value(r.output)  # a credential-named field masked whole
+        values = ([_cell(output.get(k)) for k in keys] if keys and isinstance(output, dict)
+                  else [_cell(output)])
         elapsed = (r.finished_at - r.started_at).total_seconds() * 1000
-        table.add_row(r.run_id[:8], r.event_id, *values, str(len(r.path)), f"{elapsed:.0f}")
+        table.add_row(_cell(r.run_id[:8]), _cell(r.event_id), *values, str(len(r.path)),
+                      f"{elapsed:.0f}")
     return table
 
 
@@ -72,10 +77,10 @@ def eval_table(report: EvalReport) -> Table:
     for column in ("case", "result", "ms", "tokens", "cost $", "failures"):
         table.add_column(column, overflow="fold")
     for c in report.cases:
-        table.add_row(c.name, "pass" if c.passed else "[red]FAIL[/red]",
+        table.add_row(_cell(c.name), "pass" if c.passed else "[red]FAIL[/red]",
                       "-" if c.latency_ms is None else f"{c.latency_ms:.0f}",
                       str(c.input_tokens + c.output_tokens), f"{c.cost_usd:.6f}",
-                      "; ".join(c.failures))
+                      _cell("; ".join(c.failures)))
     return table
 
 
@@ -91,12 +96,12 @@ def dead_letters_table(letters: Sequence[DeadLetter], purged: Set[str] = frozens
     for column in ("id", "failed at", "error", "kind", "from", "run", "tries", "reason"):
         table.add_column(column, overflow="fold")
     for d in letters:
-        where = f"{d.topic}[{d.partition}]@{d.offset}"
-        run = f"{d.workflow}.{d.step}" if d.workflow else "-"
+        where = _cell(f"{d.topic}[{d.partition}]@{d.offset}")
+        run = _cell(f"{d.workflow}.{d.step}") if d.workflow else "-"
         table.add_row(_marked_id(d.dead_letter_id, purged, replayed, replayed_as),
-                      d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), d.error_type,
+                      d.failed_at.strftime("%Y-%m-%d %H:%M:%S"), _cell(d.error_type),
                       "transient" if d.transient else "permanent", where, run,
-                      str(d.attempts), d.reason)
+                      str(d.attempts), _cell(d.reason))
     return table
 
 
@@ -157,5 +162,7 @@ def describe_dead_letter(d: DeadLetter, *, purged: bool = False,
     if replayed_as is not None:
         rows.append(("replay failed", f"again, as {replayed_as}; replay that one"))
     for label, value in rows:
-        table.add_row(label, value)
-    return Group(table, Text("\noriginal message:", style="bold"), Text(_original(d)))
+        table.add_row(label, _cell(value))
+    # a Text is never read as markup; secrets and control sequences still go
+    return Group(table, Text("\noriginal message:", style="bold"),
+                 Text(strip_control(redact(_original(d)))))

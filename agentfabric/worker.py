@@ -9,16 +9,20 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from agents.budgets import Budgets
 from agents.engine import Engine
 from streams.batching import PipelinedRedis, redis_unavailable
 from streams.consumer import StepConsumer
 from streams.joins import RedisJoinStore
 from streams.journal import RedisJournal
 from streams.kafka import Producer
+from streams.metrics import MetricsServer, StreamMetrics
 from streams.runtime import Runtime
+from streams.stepcache import RedisSpendStore, RedisStepCache
 from streams.topics import TopicNames
 from tools.gateway.audit import KafkaAuditSink
 from tools.gateway.breaker import RedisBreakers
@@ -28,6 +32,7 @@ from tools.gateway.ratelimit import RedisRateLimiter
 from .approvals import ApprovalStore, DecisionPublisher, RedisApprovalGrants, sweep
 from .errors import StackError
 from .executors import approval_executors, executors_for
+from .ledger import LedgerExecutor, RunLedger
 from .settings import Settings
 from .tenancy import TenantVerifier
 
@@ -82,6 +87,12 @@ class Worker:
         self.selected = selected
         self.router = router
         self.runtime: Runtime | None = None
+        # one registry per worker: the runtime's families and the gateway's (GET /metrics)
+        self.registry = CollectorRegistry()
+        self.metrics = StreamMetrics(self.registry, settings.topic_prefix)
+        if isinstance(engine.tools, Gateway):
+            self.registry.register(engine.tools.metrics.registry)
+        self.metrics_url: str | None = None
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -123,17 +134,40 @@ class Worker:
             grants=RedisApprovalGrants(redis, prefix))
         stack.push_async_callback(gateway.close)  # flushes the audit events first
 
+    def _serve_metrics(self, stack: contextlib.AsyncExitStack) -> None:
+        """Serve GET /metrics on ``metrics_port`` (0: not at all) until the worker stops."""
+        if self.engine.on_cache is None:
+            self.engine.on_cache = self.metrics.cache
+        port = self.settings.metrics_port
+        if not port:
+            return
+        try:
+            server = MetricsServer(self.registry, self.settings.metrics_host, port)
+        except OSError as exc:
+            log.warning("metrics are not served: %s:%d cannot be bound (%s); give each worker "
+                        "on this host its own AGENTFABRIC_METRICS_PORT (or --metrics-port)",
+                        self.settings.metrics_host, port, exc)
+            return
+        self.metrics_url = server.url
+        stack.push_async_callback(server.stop)
+        log.info("metrics at %s", server.url)
+
     async def run(self, stop: asyncio.Event) -> None:
         await self._warm_up()
         redis = await connect_redis(self.settings)
         stack = contextlib.AsyncExitStack()
         try:
+            self._serve_metrics(stack)
             self.engine.joins = RedisJoinStore(redis, self.settings.topic_prefix,
                                                self.settings.idempotency_ttl_s)
             shared = PipelinedRedis(redis)  # concurrent records share round trips
             self.engine.journal = RedisJournal(shared, self.settings.topic_prefix,
                                                self.settings.idempotency_ttl_s)
             self.engine.approval_expiry_s = self.settings.approval_expiry_s
+            self.engine.cache = RedisStepCache(shared, self.settings.topic_prefix)
+            self.engine.budgets = Budgets(
+                tenants=self.settings.tenant_budgets,
+                store=RedisSpendStore(shared, self.settings.topic_prefix))
             approvals = ApprovalStore(shared, self.settings.topic_prefix,
                                       self.settings.idempotency_ttl_s,
                                       self.settings.approval_expiry_s)
@@ -141,7 +175,10 @@ class Worker:
             self.runtime = Runtime(self.settings, [
                 *executors_for(self.engine, self.settings, self.selected, router=self.router,
                                tenancy=await TenantVerifier.load(self.settings, redis)),
-                *approval_executors(self.engine, self.settings, approvals)], shared)
+                *approval_executors(self.engine, self.settings, approvals),
+                LedgerExecutor(self.settings, RunLedger(redis, self.settings.topic_prefix))],
+                shared,
+                metrics=self.metrics)
             announce = asyncio.create_task(self._announce_ready(self.runtime))
             publisher = DecisionPublisher(self.settings, shared, "agentfabric-approvals")
             sweeper = asyncio.create_task(sweep(approvals, publisher,

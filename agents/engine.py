@@ -34,6 +34,8 @@ from schemas.models import (
 from schemas.serde import seal, unseal
 from tools.knowledge import KnowledgeBase
 
+from .budgets import BudgetExceeded, Budgets
+from .cache import CacheHook, StepCache, run_cached
 from .joins import JoinStore, MemoryJoinStore
 from .journal import Journal
 from .models import ModelClient
@@ -180,6 +182,9 @@ class Engine:
         self.knowledge = knowledge
         self.joins: JoinStore = joins or MemoryJoinStore()
         self.journal: Journal | None = None  # durable calls; the worker wires Redis
+        self.cache: StepCache | None = None  # opt-in step outputs; the worker wires Redis
+        self.on_cache: CacheHook | None = None  # (workflow, step, hit) per look-up: metrics
+        self.budgets = Budgets()  # tenant limits and spend; the worker wires settings, Redis
         self.max_steps_per_run = max_steps_per_run
         self.record_all = record_all
         self.tool_timeout_s = tool_timeout_s
@@ -256,16 +261,22 @@ class Engine:
                            journal_key=journal_key or msg.idempotency_key)
             if replay is None
             else Replay(self.tools, replay, step.id))
-        ctx = StepContext(message=msg, scope=step_scope(msg), tools=calls, models=calls,
+        models = calls if replay is not None else self.budgets.guard(calls, wf.budget, msg,
+                                                                      self.models)
+        ctx = StepContext(message=msg, scope=step_scope(msg), tools=calls, models=models,
                           knowledge=calls, agent=f"{msg.workflow}.{step.id}",
                           token=self._token(msg, step),
                           max_tool_calls_per_run=self.max_tool_calls_per_run)
         try:
-            outcome = await step.run(ctx)
+            outcome = await run_cached(None if replay is not None else self.cache, step, ctx,
+                                       calls.entries, self.on_cache)
         except ApprovalRequired as exc:  # parked: the step runs again once approved
             return StepRun([self._tool_hand_off(msg, exc, approval_of)], None)
         except ToolCallLimitExceeded as exc:
             return StepRun(await self._stop(wf, step, msg, "tool_call_limit", exc.reason,
+                                            ctx.tool_calls), None)
+        except BudgetExceeded as exc:
+            return StepRun(await self._stop(wf, step, msg, "budget_exceeded", exc.reason,
                                             ctx.tool_calls), None)
         if isinstance(calls, Replay):
             calls.finished()

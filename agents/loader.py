@@ -19,6 +19,7 @@ from agentfabric.errors import ExpressionSyntaxError, WorkflowError
 from agents.expr import Expression, compile_expression
 from agents.template import compile_template
 
+from .budgets import BudgetSpec
 from .steps import END, STEP_KINDS, StepSpec
 from .workflow import RESERVED_NAMES, SCOPE_NAMES, TriggerSpec, Workflow, WorkflowSet
 
@@ -41,6 +42,9 @@ class _WorkflowFile(BaseModel):
     input_schema: dict[str, Any] | None = Field(
         default=None, description="JSON schema of the run's input (what the MCP server and "
                                   "clients show); checked to be a valid schema at load.")
+    budget: BudgetSpec | None = Field(
+        default=None, description="Tokens and model cost one run may use; a run that would "
+                                  "pass it ends with status budget_exceeded.")
 
 
 def sample_workflows_dir() -> Path:
@@ -158,7 +162,7 @@ def parse_workflow(data: Any, file: str) -> Workflow:
     return Workflow(name=doc.name, version=doc.version, description=doc.description,
                     trigger=doc.trigger, steps=steps, file=file, output=output, when=when,
                     timeout_s=doc.timeout_s, record=doc.record,
-                    input_schema=_input_schema(doc.input_schema, file))
+                    input_schema=_input_schema(doc.input_schema, file), budget=doc.budget)
 
 
 def _input_schema(schema: dict[str, Any] | None, file: str) -> dict[str, Any] | None:

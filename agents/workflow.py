@@ -18,6 +18,7 @@ from agents.expr import Expression
 from agents.template import Template
 from schemas.models import EVENT_TYPE_PATTERN, NAME_PATTERN, StepMessage, TriggerEvent
 
+from .budgets import BudgetSpec
 from .steps.base import END, StepSpec
 
 __all__ = [
@@ -63,6 +64,7 @@ class Workflow:
     timeout_s: float | None = None
     record: bool = False
     input_schema: dict[str, Any] | None = None  # JSON schema of the run's input
+    budget: BudgetSpec | None = None  # tokens and cost one run may use
     _by_id: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "HandOff",
     "Header",
     "ParentCall",
+    "RunEvent",
     "RunResult",
     "StepMessage",
     "StepRecording",
@@ -207,6 +208,32 @@ class RunResult(AvroModel):
     started_at: datetime
     finished_at: datetime
     degraded: list[str] = Field(default_factory=list)
+
+
+class RunEvent(AvroModel):
+    """One processed step of a run, on the run-events topic: timing and what it consumed
+    (the step's share of the run's usage). ``outcome``: next, result, retry, dead_letter or
+    hand_off; ``status``: the run's status when ``outcome`` is result."""
+
+    avro_name: ClassVar[str] = "run_event"
+
+    run_id: str
+    workflow: str
+    workflow_version: int
+    step: str
+    tenant: str = "default"
+    idempotency_key: str
+    attempt: int = 1
+    outcome: str
+    started_at: datetime
+    finished_at: datetime
+    latency_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    tool_calls: int = 0
+    trace_parent: str | None = None
+    status: str | None = None
 
 
 class HandOff(AvroModel):

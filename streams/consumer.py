@@ -111,6 +111,22 @@ class StepConsumer:
                 await consumer.stop()
                 self._consumer = None
 
+    def lag(self) -> dict[TopicPartition, int]:
+        """Per held partition: its last fetched highwater minus the next offset to finish
+        (what is neither done nor committed); a partition not fetched yet is left out."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        found: dict[TopicPartition, int] = {}
+        for tp in list(consumer.assignment()):
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            window = self.windows.get(tp)
+            nxt = window.offsets.next_to_finish if window is not None else None
+            found[tp] = max(0, highwater - (highwater if nxt is None else nxt))
+        return found
+
     async def _commit_every(self, interval_s: float) -> None:
         """Commit in the background: the poll loop never waits for a commit."""
         while True:

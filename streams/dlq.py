@@ -22,12 +22,14 @@ from agentfabric.errors import (
     MessageValidationError,
     TransientError,
 )
+from agentfabric.redaction import redact
 from agentfabric.settings import Settings
 from schemas.models import DeadLetter, Header, StepMessage, utc_now
 from schemas.serde import decode
 
 from .codec import FIRST_FAILURE_HEADER, REPLAY_HEADER, header_ms, trace_of
 from .kafka import Outgoing
+from .logcontext import log_dead_letter
 
 __all__ = ["REDACTED", "SECRET_HEADER", "UNREADABLE_PREFIX", "dead_letter", "from_epoch_ms",
            "is_unreadable", "read_dead_letters", "redact", "replay_of"]
@@ -36,28 +38,16 @@ UNREADABLE_PREFIX = "unreadable-"  # id of a stand-in for an unreadable dead-let
 
 SECRET_HEADER = re.compile(r"(authorization|secret|token|signature|password|passwd|api[-_]?key"
                            r"|cookie|session|credential|hmac)", re.IGNORECASE)
-SECRET_TEXT = re.compile(
-    r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@"          # user:password@ in URLs
-    r"|(?P<kv>\b(?:api[-_]?key|access[-_]?token|token|secret|password|passwd|sig|signature)"
-    r"\s*[=:]\s*)[^\s&,;'\"]+"                                          # key=value / key: value
-    r"|(?P<bearer>\bBearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """Mask credentials that may appear in an error message."""
-    def mask(match: re.Match[str]) -> str:
-        prefix = match["scheme"] or match["kv"] or match["bearer"] or ""
-        return f"{prefix}***@" if match["scheme"] else f"{prefix}***"
-    return SECRET_TEXT.sub(mask, text)
 REDACTED = b"[redacted]"
 
 
 def dead_letter(record: ConsumerRecord, error: Exception, *, group: str, dlq_topic: str,
                 message: StepMessage | None = None, note: str = "",
-                value_claim: str | None = None) -> Outgoing:
+                value_claim: str | None = None, logged: bool = True) -> Outgoing:
     """The dead-letter message for ``record`` that failed with ``error`` (``note`` is added
     to the reason in brackets). ``message`` is the run envelope, when known; ``value_claim``
-    the claim check holding the full value when ``record.value`` is an excerpt."""
+    the claim check holding the full value when ``record.value`` is an excerpt. The dead
+    letter is logged once, at WARNING (``logged=False``: a stand-in for one already logged)."""
     if isinstance(error, AgentFabricError):
         reason, error_type = error.reason, type(error).__name__
     else:
@@ -86,6 +76,8 @@ def dead_letter(record: ConsumerRecord, error: Exception, *, group: str, dlq_top
         first_failed_at=first if first is not None and first <= failed_at else failed_at,
         failed_at=failed_at)
     key = record.key.decode("utf-8", "replace") if record.key else letter.dead_letter_id
+    if logged:
+        log_dead_letter(letter)
     return Outgoing.of(dlq_topic, key, letter)
 
 

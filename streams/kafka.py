@@ -15,6 +15,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import errors as kafka_errors
 from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
 
 from agentfabric.errors import PermanentError, UnavailableError
 from agentfabric.settings import Settings
@@ -23,7 +24,24 @@ from schemas.serde import encode
 
 from . import tolerant
 
-__all__ = ["PERMANENT_SEND_ERRORS", "Outgoing", "Producer", "make_consumer"]
+__all__ = ["PERMANENT_SEND_ERRORS", "Outgoing", "Producer", "kafka_client_options", "make_consumer"]
+
+
+def kafka_client_options(settings: Settings) -> dict[str, Any]:
+    """Connection options every Kafka client (producer, consumer, admin) is built with: the
+    bootstrap servers and the security settings (SASL, TLS), checked by the settings."""
+    options: dict[str, Any] = {"bootstrap_servers": settings.bootstrap_servers,
+                               "security_protocol": settings.security_protocol}
+    if settings.security_protocol.startswith("SASL_"):
+        assert settings.sasl_password is not None  # checked by the settings
+        options.update(sasl_mechanism=settings.sasl_mechanism,
+                       sasl_plain_username=settings.sasl_username,
+                       sasl_plain_password=settings.sasl_password.get_secret_value())
+    if settings.security_protocol.endswith("SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile,
+            keyfile=settings.ssl_keyfile)
+    return options
 
 
 @dataclass(frozen=True)
@@ -51,7 +69,7 @@ class Producer:
         for metadata) before it fails as unavailable; the ingress keeps it short."""
         self._settings = settings
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, client_id=client_id, acks="all",
+            **kafka_client_options(settings), client_id=client_id, acks="all",
             enable_idempotence=False, linger_ms=0, request_timeout_ms=request_timeout_ms)
 
     async def start(self) -> None:
@@ -114,7 +132,7 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str,
     (and reads past records whose header keys are not UTF-8: see ``streams.tolerant``)."""
     tolerant.install()
     return AIOKafkaConsumer(
-        *topics, bootstrap_servers=settings.bootstrap_servers, group_id=group_id,
+        *topics, **kafka_client_options(settings), group_id=group_id,
         client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms or settings.fetch_max_wait_ms,
         max_poll_records=settings.max_poll_records, session_timeout_ms=10_000,

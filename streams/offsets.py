@@ -51,6 +51,12 @@ class PartitionOffsets:
         """One past the contiguous finished prefix (None before anything finished)."""
         return self._position
 
+    @property
+    def next_to_finish(self) -> int | None:
+        """The lowest started offset not yet finished, else the position (None before
+        anything started)."""
+        return next(iter(self._window), self._position)
+
     def to_commit(self) -> int | None:
         """The position to commit, or None if nothing new is finished."""
         return self._position if self._position != self._committed else None

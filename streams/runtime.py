@@ -17,6 +17,7 @@ from .consumer import StepConsumer
 from .executor import Executor
 from .idempotency import EmissionStore, RedisEmissionStore
 from .kafka import Producer
+from .metrics import Observe, StreamMetrics
 from .stages import Stage, default_stages
 
 __all__ = ["Runtime", "StagesFactory"]
@@ -27,18 +28,23 @@ StagesFactory = Callable[[Producer, EmissionStore], list[Stage]]
 
 
 class Runtime:
-    """Consumers for ``executors``; ``ready`` is set once every one has its partitions."""
+    """Consumers for ``executors``; ``ready`` is set once every one has its partitions.
+    With ``metrics``, every record is observed (``streams.metrics.Observe``, the first of
+    the default stages) and the consumers' lag is sampled while they run."""
 
     def __init__(self, settings: Settings, executors: Sequence[Executor],
                  redis: Redis | PipelinedRedis, *,
-                 stages: StagesFactory | None = None) -> None:
+                 stages: StagesFactory | None = None,
+                 metrics: StreamMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
+        observe = Observe(metrics) if metrics is not None else None
         self.executors = list(executors)
         self.redis = redis if isinstance(redis, PipelinedRedis) else PipelinedRedis(redis)
         claims = ClaimStore(self.redis, settings.topic_prefix, settings.idempotency_ttl_s,
                             settings.claim_check_bytes)
         self.stages = stages or (lambda producer, store: default_stages(
-            producer, store, claims, settings.lease_ttl_s))
+            producer, store, claims, settings.lease_ttl_s, observe))
         self.consumers: list[StepConsumer] = []
         self.ready = asyncio.Event()
 
@@ -56,6 +62,8 @@ class Runtime:
                               for e in self.executors]
             tasks = [asyncio.create_task(c.run(stop), name=c.name) for c in self.consumers]
             watcher = asyncio.create_task(self._announce_ready())
+            sampler = (asyncio.create_task(self.metrics.sample_lag_every(self.consumers))
+                       if self.metrics is not None else None)
             try:
                 await asyncio.gather(*tasks)
             except BaseException:
@@ -63,8 +71,10 @@ class Runtime:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
             finally:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+                helpers = [t for t in (watcher, sampler) if t is not None]
+                for task in helpers:
+                    task.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
         finally:
             await producer.stop()
 

@@ -8,8 +8,9 @@ stages decided and then marks the output acknowledged; ``decode`` reads the reco
 record becomes a dead letter and goes no further); ``dedupe`` answers a record whose output
 is already stored and remembers a fresh output before it is sent; ``execute`` runs the
 executor under the job's timeout; ``route`` turns what it emitted, or how it failed, into
-the messages to produce (next step or result, retry, dead letter). A later concern (a
-lease, a metric, a log line, a span) is one more stage in :func:`default_stages`.
+the messages to produce (next step or result, retry, dead letter). ``log_context`` binds
+the record's log fields around the rest. A later concern (a lease, a metric, a span) is
+one more stage in :func:`default_stages`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka import ConsumerRecord
+from structlog.contextvars import bound_contextvars
 
 from agentfabric.errors import (
     AgentFabricError,
@@ -34,14 +37,15 @@ from agentfabric.errors import (
 )
 
 from .claims import ClaimStore
-from .dlq import dead_letter
+from .dlq import dead_letter, redact
 from .executor import Emit, Executor, Job
 from .idempotency import EmissionStore
 from .kafka import Outgoing, Producer
 from .leases import LeaseKeeper
+from .logcontext import job_fields
 from .tolerant import invalid_header_keys
 
-__all__ = ["Next", "Pass", "Pipeline", "Stage", "default_stages"]
+__all__ = ["Next", "Pass", "Pipeline", "Stage", "default_stages", "log_context"]
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,7 @@ def _excerpt_dead_letter(work: Pass, error: Exception, claim: str | None = None,
     size = len(record.value or b"")
     short = dataclasses.replace(record, value=(record.value or b"")[:keep])
     where = (f"; the full value is in Redis as claim check {claim}" if claim else "")
-    return dead_letter(short, error, group=work.executor.group,
+    return dead_letter(short, error, group=work.executor.group, logged=False,
                        dlq_topic=work.executor.dlq_topic,
                        message=work.job.subject if work.job else None, value_claim=claim,
                        note=f"the original value of {size} bytes was too large for the "
@@ -167,6 +171,25 @@ async def decode(work: Pass, after: Next) -> None:
         work.outputs = work.dead(exc)
         return
     await after(work)
+
+
+async def log_context(work: Pass, after: Next) -> None:
+    """Bind the record's log fields (run id, workflow, step, tenant, trace id, consumer) to
+    every line logged while it is processed; then one line: DEBUG when it finished, INFO
+    when it is retried (a dead letter logs its own WARNING line, streams.dlq)."""
+    assert work.job is not None
+    started = time.perf_counter()
+    with bound_contextvars(**job_fields(work.job, work.executor.name)):
+        await after(work)
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        if work.retried:
+            log.info("%s: retrying after %s: %s", work.executor.name,
+                     type(work.failure).__name__, redact(str(work.failure)),
+                     extra={"outcome": "retry", "latency_ms": latency_ms})
+        elif log.isEnabledFor(logging.DEBUG):
+            outcome = "dead_letter" if work.error is not None else "ok"
+            log.debug("%s: step finished", work.executor.name,
+                      extra={"outcome": outcome, "latency_ms": latency_ms})
 
 
 class Dedupe:
@@ -288,10 +311,13 @@ class ClaimChecks:
 
 
 def default_stages(producer: Producer, store: EmissionStore, claims: ClaimStore | None = None,
-                   lease_ttl_s: float = 30.0) -> list[Stage]:
+                   lease_ttl_s: float = 30.0, observe: Stage | None = None) -> list[Stage]:
+    """The stages in order; ``observe`` (e.g. ``streams.metrics.Observe``) goes first, so it
+    sees the outputs as acknowledged."""
+    first = [observe] if observe is not None else []
     if claims is None:
-        return [Acknowledge(producer, store), decode, Dedupe(store, lease_ttl_s), execute,
-                route]
+        return [*first, Acknowledge(producer, store), decode, log_context,
+                Dedupe(store, lease_ttl_s), execute, route]
     checks = ClaimChecks(claims)
-    return [Acknowledge(producer, store, claims), checks.incoming, decode,
-            Dedupe(store, lease_ttl_s), checks.outgoing, execute, route]
+    return [*first, Acknowledge(producer, store, claims), checks.incoming, decode,
+            log_context, Dedupe(store, lease_ttl_s), checks.outgoing, execute, route]

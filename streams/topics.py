@@ -9,6 +9,7 @@
     <prefix>.decisions             people's decisions on them (and expiries): resume or end
     <prefix>.recordings            recorded steps of recorded runs (for replay)
     <prefix>.audit                 one audit event per tool call (JSON, key: run id)
+    <prefix>.run-events            one RunEvent per processed step (key: run id): the ledger
 
 One consumer group per step (named like its topic), one for the router, and one each for
 the approvals topic (registers hand-offs for listing and expiry) and the decisions topic.
@@ -16,7 +17,9 @@ the approvals topic (registers hand-offs for listing and expiry) and the decisio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -70,6 +73,14 @@ class TopicNames:
         return f"{self.prefix}.audit"
 
     @property
+    def run_events(self) -> str:
+        return f"{self.prefix}.run-events"
+
+    @property
+    def ledger_group(self) -> str:
+        return f"{self.prefix}.ledger"
+
+    @property
     def router_group(self) -> str:
         return f"{self.prefix}.router"
 
@@ -95,10 +106,12 @@ def _delay_label(delay_s: float) -> str:
 
 
 async def apply_topics(bootstrap_servers: str, topics: list[str], *, partitions: int,
-                       replication_factor: int) -> dict[str, str]:
-    """Create missing topics; returns topic -> 'created' or 'exists'."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers,
-                                client_id="agentfabric-admin")
+                       replication_factor: int,
+                       client_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Create missing topics; returns topic -> 'created' or 'exists'. ``client_options``
+    (``streams.kafka.kafka_client_options``) carries the security settings."""
+    options = {**(client_options or {}), "bootstrap_servers": bootstrap_servers}
+    admin = AIOKafkaAdminClient(**options, client_id="agentfabric-admin")
     try:
         await admin.start()
         response = await admin.create_topics(

@@ -51,7 +51,7 @@ def settings(stack: StackInfo, services: RunningServices, rules_workflows: Path,
     return Settings(bootstrap_servers=stack.bootstrap_servers, redis_url=stack.redis_url,
                     topic_prefix=f"t{uuid.uuid4().hex[:10]}", partitions=3,
                     fetch_max_wait_ms=10, workflows_dir=rules_workflows,
-                    service_urls=services.urls)
+                    service_urls=services.urls, metrics_port=0)
 
 
 @pytest.fixture

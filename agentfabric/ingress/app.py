@@ -8,7 +8,8 @@ follower (``runstore.follow_results``: results and dead letters into Redis, for
 ``GET /runs/{id}``), and stops and closes them all on shutdown.
 
 Routes: ``GET /healthz`` (the process answers), ``GET /readyz`` (Kafka and Redis answer: 200,
-else 503), ``POST /webhooks/{source}``, and the run API.
+else 503), ``GET /metrics`` (Prometheus, the app's own registry: ``app.state.metrics``),
+``POST /webhooks/{source}``, and the run API.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.process_collector import ProcessCollector
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from agentfabric.settings import Settings
@@ -63,6 +66,11 @@ async def _kafka_answers(bootstrap_servers: str) -> bool:
             await writer.wait_closed()
         return True
     return False
+
+
+async def metrics(request: Request) -> Response:
+    registry: CollectorRegistry = request.app.state.metrics
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def readyz(request: Request) -> JSONResponse:
@@ -123,10 +131,14 @@ def create_app(settings: Settings) -> Starlette:
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         *webhook_routes(),
         *run_routes(),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.metrics = CollectorRegistry()  # this app's own: nothing global
+    ProcessCollector(registry=app.state.metrics)
+    return app
 
 
 async def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:

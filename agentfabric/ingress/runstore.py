@@ -36,6 +36,7 @@ from schemas.serde import decode
 from streams import tolerant
 from streams.batching import PipelinedRedis
 from streams.claims import ClaimStore
+from streams.kafka import kafka_client_options
 
 if TYPE_CHECKING:
     from agentfabric.settings import Settings
@@ -159,7 +160,7 @@ def _consumer(settings: Settings, group: str) -> AIOKafkaConsumer:
     subscription sees a result topic created after it started)."""
     tolerant.install()
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, group_id=group,
+        **kafka_client_options(settings), group_id=group,
         client_id="agentfabric-ingress-runs", enable_auto_commit=False,
         auto_offset_reset="earliest", fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_poll_records=settings.max_poll_records, session_timeout_ms=10_000,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from agentfabric.errors import ExpressionSyntaxError, PermanentError, WorkflowError
+from agents.cache import CacheSpec
 from agents.expr import Expression, compile_expression
 from agents.template import Template, TemplateSyntaxError, compile_template
 from schemas.models import StepMessage, Usage
@@ -149,6 +150,10 @@ class StepSpec(BaseModel):
         default=None, gt=0, le=3_600,
         description="Longest one tool call of this step may run (default: the tool_timeout_s "
                     "setting).")
+    cache: CacheSpec | None = Field(
+        default=None,
+        description="Serve this step's output from the step cache for ttl_s seconds when "
+                    "the run's input and earlier outputs are the same (per tenant).")
 
     def compile(self, base_dir: Path) -> None:
         """Parse expressions and templates, read files beside the workflow (``base_dir``);

@@ -336,8 +336,9 @@ async def test_the_decision_executor_runs_an_approved_tool_call_again_under_its_
     assert retry is not None
     assert (APPROVAL_HEADER, hand_off.hand_off_id.encode()) in retry.headers
     ledger.grants.add(message.idempotency_key)
-    [onwards] = await steps.execute(rerun)
+    [onwards, run_event] = await steps.execute(rerun)
     assert onwards.topic == names.step("transfer", "receipt")
+    assert run_event.topic == names.run_events
     assert APPROVAL_HEADER not in dict(onwards.headers)
 
 

@@ -16,6 +16,7 @@ from schemas.models import (
     DeadLetter,
     HandOff,
     Header,
+    RunEvent,
     RunResult,
     StepMessage,
     TriggerEvent,
@@ -59,6 +60,10 @@ SAMPLES: list[AvroModel] = [
             run_id="r1", workflow="lead_enrichment", workflow_version=1, step="fit",
             envelope=STEP_ENVELOPE, envelope_schema=STEP_SCHEMA,
             transcript=[{"role": "user", "content": "hi"}], created_at=NOW),
+    RunEvent(run_id="r1", workflow="lead_enrichment", workflow_version=1, step="fit",
+             tenant="acme", idempotency_key="k1", attempt=1, outcome="next", started_at=NOW,
+             finished_at=NOW, latency_ms=12.5, input_tokens=10, output_tokens=5,
+             cost_usd=0.00002, tool_calls=1),
 ]
 
 
@@ -70,7 +75,8 @@ def test_round_trip(model: AvroModel) -> None:
     assert decode(value, headers, type(model)) == model
 
 
-@pytest.mark.parametrize("model", [TriggerEvent, StepMessage, RunResult, DeadLetter, HandOff])
+@pytest.mark.parametrize("model", [TriggerEvent, StepMessage, RunResult, DeadLetter, HandOff,
+                                   RunEvent])
 def test_pydantic_twin_has_exactly_the_latest_schema_fields(model: type[AvroModel]) -> None:
     schema = schema_versions()[model.avro_name][latest_version(model.avro_name)]
     assert {f["name"] for f in schema["fields"]} == set(model.model_fields)

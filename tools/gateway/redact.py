@@ -13,6 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from agentfabric.redaction import REDACTED
+from agentfabric.redaction import redact as redact_secrets
+
 __all__ = [
     "MAX_ERROR_CHARS",
     "REDACTED",
@@ -22,29 +25,8 @@ __all__ = [
     "sanitize_error",
 ]
 
-REDACTED = "[redacted]"
 MAX_ERROR_CHARS = 400
 
-# Ordered: the specific forms first, so ``Authorization: Bearer x`` is masked as one piece.
-_SECRETS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # header lines and JSON/query fields that carry credentials
-    (re.compile(r"(?i)\b(authorization|proxy-authorization|x-api-key|api[_-]?key|apikey|"
-                r"access[_-]?token|refresh[_-]?token|id[_-]?token|token|secret|"
-                r"client[_-]?secret|password|passwd|pwd|cookie|set-cookie)"
-                r"(\"?\s*[:=]\s*\"?)"
-                r"(?:(?:bearer|basic|token)\s+)?[^\s\"',;&}]+"),
-     r"\1\2" + REDACTED),
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}"), r"\1 " + REDACTED),
-    # JSON web tokens, wherever they appear
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), REDACTED),
-    # well-known API key shapes (OpenAI-style, GitHub, AWS access key ids, Slack)
-    (re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}"), REDACTED),
-    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"), REDACTED),
-    (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), REDACTED),
-    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), REDACTED),
-    # credentials inside URLs: scheme://user:password@host
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@"), r"\1" + REDACTED + "@"),
-)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e]+")
 
 
@@ -52,9 +34,8 @@ def sanitize_error(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     """``text`` made safe to log, audit, show a person or feed back to a model: credentials
     (Authorization headers, bearer tokens, JWTs, API keys, passwords, URL credentials)
     masked, control characters collapsed to a space, at most ``limit`` characters."""
-    text = _CONTROL.sub(" ", str(text))
-    for pattern, replacement in _SECRETS:
-        text = pattern.sub(replacement, text)
+    # the one redaction of the project (agentfabric.redaction), then the gateway's bounds
+    text = redact_secrets(_CONTROL.sub(" ", str(text)))
     text = " ".join(text.split())
     if len(text) > limit:
         text = text[: max(limit - 1, 0)].rstrip() + "…"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from agentfabric.errors import ConfigError
+
 from .base import Condition, Document, Hit, StoredDocument, VectorStore
 from .chunking import chunk_text
 from .embedded import EmbeddedVectorStore
@@ -34,7 +36,13 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "WeaviateVectorStore":
-        from .weaviate_store import WeaviateVectorStore
-
+        try:
+            from .weaviate_store import WeaviateVectorStore
+        except ImportError as exc:
+            if not (exc.name or "").startswith("weaviate"):
+                raise
+            raise ConfigError("vector_store=weaviate needs `pip install "
+                              "'agentfabric[weaviate]'` (weaviate-client is not installed)"
+                              ) from exc
         return WeaviateVectorStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

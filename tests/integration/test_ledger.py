@@ -1,0 +1,162 @@
+"""The run ledger through the real fabric: a three-step run with an llm step emits one run
+event per step, the worker folds them into Redis, and `runs show`, `runs list` and `usage`
+(the CLI, as a user runs it) add up to the runs' results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agentfabric.ledger import RunLedger
+from agentfabric.settings import Settings
+from agents.engine import run_id_for
+from agents.model_server import ModelServerHandle
+from schemas.models import RunEvent, TriggerEvent
+from streams.reader import read_until
+from streams.topics import TopicNames
+from tests.modelfixture import models_file, scripted_server
+
+from .helpers import collect_results, running_worker
+from .test_cli import cli, settings_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+SCRIPT = {"rules": [
+    {"match": {"workflow": "fit_check"},
+     "turns": [{"tool_calls": [{"name": "crm.get_account",
+                                "arguments": {"domain": "{{ user_json.domain }}"}}]},
+               {"content": {"fit": "{{ 'high' if tool_results[-1].employees >= 1000 "
+                                   "else 'low' }}",
+                            "account": "{{ tool_results[-1].name }}"}}]},
+]}
+WORKFLOW = {
+    "name": "fit_check", "version": 1,
+    "trigger": {"source": "crm", "event_types": ["lead.created"]},
+    "steps": [
+        {"id": "fit", "kind": "llm", "model": "local", "prompt_file": "fit.md",
+         "tools": ["crm.get_account"], "max_iterations": 3,
+         "output_schema": {"type": "object", "required": ["fit", "account"]}},
+        {"id": "label", "kind": "transform",
+         "output": "{{ steps.fit.account + ': ' + steps.fit.fit }}"},
+        {"id": "shout", "kind": "transform", "output": "{{ steps.label + '!' }}"},
+    ],
+}
+DOMAINS = ("contoso.com", "litware.com")
+
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[ModelServerHandle]:
+    async with scripted_server(SCRIPT) as handle:
+        yield handle
+
+
+@pytest.fixture
+def llm_settings(settings: Settings, model_server: ModelServerHandle,
+                 tmp_path: Path) -> Settings:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "fit.md").write_text('{"domain": "{{ input.domain }}"}')
+    (workflows / "fit_check.yaml").write_text(yaml.safe_dump(WORKFLOW))
+    models = models_file(tmp_path, model_server.url, input_usd_per_mtok=1.0,
+                         output_usd_per_mtok=2.0)
+    return settings.model_copy(update={"workflows_dir": workflows, "models_file": models})
+
+
+def event(domain: str) -> TriggerEvent:
+    return TriggerEvent(event_id=f"ev-{domain}", source="crm", event_type="lead.created",
+                        tenant="acme", payload={"domain": domain})
+
+
+async def _folded(settings: Settings, run_ids: list[str], steps: int,
+                  within_s: float = 30) -> None:
+    """Wait until the ledger has folded ``steps`` events of every run (the worker folds
+    them after the results are out)."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(settings.redis_url)
+    ledger = RunLedger(redis, settings.topic_prefix)
+    deadline = time.monotonic() + within_s
+    try:
+        while True:
+            found = [await ledger.summary(r) for r in run_ids]
+            if all(s is not None and s.totals.steps >= steps for s in found):
+                return
+            assert time.monotonic() < deadline, f"the ledger folded only {found}"
+            await asyncio.sleep(0.05)
+    finally:
+        await redis.aclose()
+
+
+async def test_runs_show_and_usage_add_up_to_the_results(llm_settings: Settings) -> None:
+    from agentfabric.app import publish_events
+
+    names = TopicNames(llm_settings.topic_prefix)
+    run_ids = [run_id_for(event(d), "fit_check") for d in DOMAINS]
+    async with running_worker(llm_settings):
+        await publish_events(llm_settings, names.trigger("crm"), [event(d) for d in DOMAINS])
+        results = {r.run_id: r for r in await collect_results(llm_settings, "fit_check", 2)}
+        await _folded(llm_settings, run_ids, 3)
+    # the topic carries one compact event per processed step
+    events = await read_until(llm_settings, names.run_events, RunEvent,
+                              lambda found: len(found) >= 6, within=30)
+    assert sorted((e.run_id, e.step) for e in events) == sorted(
+        (r, s) for r in run_ids for s in ("fit", "label", "shout"))
+
+    env = {**settings_env(llm_settings),
+           "AGENTFABRIC_WORKFLOWS_DIR": str(llm_settings.workflows_dir),
+           "AGENTFABRIC_MODELS_FILE": str(llm_settings.models_file)}
+    for run_id in run_ids:
+        result = results[run_id]
+        shown = cli("runs", "show", run_id, "--json", env=env)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        timeline = json.loads(shown.stdout)
+        steps = timeline["steps"]
+        assert [s["step"] for s in steps] == ["fit", "label", "shout"]
+        assert [s["outcome"] for s in steps] == ["next", "next", "result"]
+        assert timeline["status"] == "completed"
+        assert result.usage.input_tokens > 0
+        assert result.usage.cost_usd > 0
+        assert sum(s["input_tokens"] for s in steps) == result.usage.input_tokens
+        assert sum(s["output_tokens"] for s in steps) == result.usage.output_tokens
+        assert sum(s["tool_calls"] for s in steps) == result.usage.tool_calls == 1
+        assert sum(s["cost_usd"] for s in steps) == pytest.approx(result.usage.cost_usd)
+        assert timeline["totals"]["input_tokens"] == result.usage.input_tokens
+        assert timeline["totals"]["cost_usd"] == pytest.approx(result.usage.cost_usd)
+        # each step's latency is within the run's wall time, and so is their sum
+        wall_ms = (result.finished_at - result.started_at).total_seconds() * 1000
+        assert all(s["latency_ms"] > 0 for s in steps)
+        assert sum(s["latency_ms"] for s in steps) <= wall_ms + 5
+        table = cli("runs", "show", run_id, env=env)
+        assert table.returncode == 0, table.stderr
+        assert "total" in table.stdout
+        assert "shout" in table.stdout
+        assert f"{result.usage.cost_usd:.6f}" in table.stdout
+
+    listed = cli("runs", "list", "--workflow", "fit_check", "--status", "completed",
+                 "--since", "1h", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(json.loads(line)["run_id"] for line in listed.stdout.splitlines()) == \
+        sorted(run_ids)
+
+    for by in ("workflow", "step"):
+        used = cli("usage", "--tenant", "acme", "--since", "1h", "--by", by, "--json",
+                   env=env)
+        assert used.returncode == 0, used.stderr
+        report = json.loads(used.stdout)
+        rows = report["rows"]
+        assert len(rows) == (1 if by == "workflow" else 3)
+        assert sum(r["input_tokens"] for r in rows) == sum(
+            r.usage.input_tokens for r in results.values())
+        assert sum(r["output_tokens"] for r in rows) == sum(
+            r.usage.output_tokens for r in results.values())
+        assert sum(r["steps"] for r in rows) == 6
+        assert report["cost_usd"] == pytest.approx(sum(r.usage.cost_usd
+                                                       for r in results.values()))
+    other = cli("usage", "--tenant", "nobody", "--json", env=env)
+    assert json.loads(other.stdout)["rows"] == []

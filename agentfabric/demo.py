@@ -118,9 +118,9 @@ async def _with_engine(s: Settings, out: Console, names: TopicNames, engine: Eng
     out.print(f"provisioned {len(created)} topics ({s.partitions} partitions each)")
     async with background_worker(s, engine) as worker:
         steps = sum(1 for c in worker.consumers
-                    if c.name not in ("router", "retry", "approvals", "decisions"))
-        out.print(f"worker ready: router + {steps} step consumers (+ retry, approvals and "
-                  f"decisions)")
+                    if c.name not in ("router", "retry", "approvals", "decisions", "ledger"))
+        out.print(f"worker ready: router + {steps} step consumers (+ retry, approvals, "
+                  f"decisions and the run ledger)")
         if worker.metrics_url:
             out.print(f"metrics at {worker.metrics_url}")
         t0 = time.monotonic()

@@ -90,6 +90,11 @@ async def load_secret(settings: Settings, redis: Redis) -> bytes:
     from streams.batching import redis_unavailable
 
     key = f"{settings.topic_prefix}:tenancy:secret"
+    pool = getattr(redis, "connection_pool", None)  # None: a test double, nothing cached
+    kwargs = pool.connection_kwargs if pool is not None else {}
+    where = (str(kwargs.get("host")), str(kwargs.get("port")), str(kwargs.get("db")), key)
+    if pool is not None and (known := _SECRETS.get(where)) is not None:
+        return known  # never changes once created (SET NX): a Redis outage cannot stop publishing
     try:
         await redis.set(key, secrets.token_hex(32), nx=True)
         value = await redis.get(key)
@@ -100,7 +105,14 @@ async def load_secret(settings: Settings, redis: Redis) -> bytes:
         raise TenantError(f"the tenant signing secret {key} vanished from Redis as it was "
                           f"read; set AGENTFABRIC_TENANT_SIGNING_SECRET, or keep Redis from "
                           f"evicting keys (maxmemory-policy noeviction)")
-    return value if isinstance(value, bytes) else str(value).encode()
+    secret = value if isinstance(value, bytes) else str(value).encode()
+    if pool is not None:
+        _SECRETS[where] = secret
+    return secret
+
+
+# the deployment secrets this process has read, by Redis server, database and key
+_SECRETS: dict[tuple[str, str, str, str], bytes] = {}
 
 
 class TenantSigner:

@@ -182,13 +182,14 @@ def make_plan(settings: Settings, seed: int, limit: int) -> Plan:
     # a payload nested deeper than expressions read: the run starts, its first step's tool
     # rejects the argument; the dead letter carries the run id
     deep_event = TriggerEvent(event_id="deep-ok-1", source="erp", event_type="invoice.posted",
+                              tenant="acme",
                               payload={"invoice_id": "INV-DEEP", "vendor_id": nested(150),
                                        "amount": 1, "currency": "USD",
                                        "invoice_date": "2026-11-01",
                                        "due_date": "2026-12-01"})
     deep_run = step_message(engine, deep_event).run_id
     add("nested 150 levels (parseable)", names.trigger("erp"),
-        deep_event.model_dump_json().encode(), dead_key=deep_run, error="ToolError")
+        deep_event.model_dump_json().encode(), dead_key=deep_run, error="ToolArgumentsError")
 
     for topic in steps:
         for _ in range(8):

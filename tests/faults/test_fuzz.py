@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.timeout(300)]
 SEED = int(os.environ.get("AF_FAULTS_SEED", "20261122"))  # another seed: another fuzz
 GOOD_CASES = 300
 ALLOWED_ERRORS = {"DecodeError", "MessageValidationError", "UnroutableEventError",
-                  "UnknownWorkflowError", "UnknownStepError", "ToolError",
+                  "UnknownWorkflowError", "UnknownStepError", "ToolError", "ToolArgumentsError",
                   "ExpressionEvalError"}
 
 

@@ -24,6 +24,7 @@ from schemas.models import RunResult
 from streams.embedded import EmbeddedStack, StackInfo, pid_alive
 from streams.topics import TopicNames
 from tests.integration.helpers import cases, publish_cases
+from tests.servicefixture import RunningServices
 
 from .harness import provision
 from .procs import Workers
@@ -39,11 +40,11 @@ RESUME_WITHIN_S = 30.0
 @pytest.mark.parametrize("how", ["stop", "crash"])
 async def test_redis_stopped_for_10s_mid_flow_loses_no_run(
         how: str, own_stack: tuple[EmbeddedStack, StackInfo], rules_workflows: Path,
-        tmp_path: Path) -> None:
+        services: RunningServices, tmp_path: Path) -> None:
     embedded, info = own_stack
     s = Settings(bootstrap_servers=info.bootstrap_servers, redis_url=info.redis_url,
                  topic_prefix=f"f{uuid.uuid4().hex[:10]}", partitions=3, fetch_max_wait_ms=10,
-                 workflows_dir=rules_workflows)
+                 workflows_dir=rules_workflows, service_urls=services.urls, metrics_port=0)
     await provision(s)
     batch = cases(RUNS, seed=31)
     expected = {wf: {c.run_id: c.event.event_id for c in batch if c.workflow == wf}

@@ -58,6 +58,7 @@ class Worker:
             self.stderr.seek(0)
             raise AssertionError(f"worker {self.pid} ended: {self.stderr.read()[-2000:]}")
         answer: dict[str, Any] = json.loads(line)
+        assert "error" not in answer, f"worker {self.pid} failed: {answer['error']}"
         return answer
 
     def ask(self, **cmd: Any) -> dict[str, Any]:

@@ -34,11 +34,11 @@ from redis.exceptions import RedisError
 from agents.engine import Emitted
 from schemas.models import HandOff, RunEvent, RunResult, StepMessage, Usage
 from schemas.serde import decode, unseal
-from streams.batching import redis_unavailable
+from streams.batching import PipelinedRedis, redis_unavailable
 from streams.executor import Emit, Job
 from streams.topics import TopicNames
 
-from .errors import ConfigError, TransientError
+from .errors import ConfigError, TransientError, UnavailableError
 from .settings import Settings
 
 __all__ = ["LedgerExecutor", "RunLedger", "RunSummary", "UsageRow", "parse_since",
@@ -172,7 +172,8 @@ class RunLedger:
         self.redis = redis
         self.base = f"{prefix}:ledger"
         self.retention_s = retention_s
-        self._fold = redis.register_script(_FOLD)
+        # folds of concurrent events share one round trip
+        self._pipelined = PipelinedRedis(redis)
 
     def _run_key(self, run_id: str) -> str:
         return f"{self.base}:run:{run_id}"
@@ -192,10 +193,13 @@ class RunLedger:
             event.input_tokens, event.output_tokens, repr(event.cost_usd), event.tool_calls,
             event.run_id, f"{event.tenant}|{event.workflow}|{event.step}|", hour]
         try:
-            return bool(await self._fold(keys=keys, args=args))
+            [counted] = await self._pipelined.script(_FOLD, [(keys, args)])
+        except UnavailableError:
+            raise
         except RedisError as exc:
             raise redis_unavailable(exc, doing=f"folding a run event of {event.run_id}") \
                 from exc
+        return bool(counted)
 
     async def steps(self, run_id: str) -> list[RunEvent]:
         """The run's step events in the order they started."""

@@ -115,6 +115,36 @@ class PipelinedRedis:
         self._max = max_commands
         self._queue: deque[tuple[Build, asyncio.Future[list[Any]]]] = deque()
         self._flusher: asyncio.Task[None] | None = None
+        self._sha: dict[str, str] = {}
+        self._loading = asyncio.Lock()
+
+    async def _sha_of(self, text: str) -> str:
+        sha = self._sha.get(text)
+        if sha is None:
+            async with self._loading:  # one load, not one per record waiting for it
+                sha = self._sha.get(text)
+                if sha is None:
+                    try:
+                        [sha] = await self.execute(lambda pipe: pipe.script_load(text))
+                    except NoScriptError as exc:  # not expected from SCRIPT LOAD
+                        raise redis_unavailable(exc) from exc
+                    self._sha[text] = sha
+        return str(sha)
+
+    async def script(self, text: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the Lua script ``text`` once per (keys, args), sharing the round trip with
+        whatever else is queued; scripts are loaded again if Redis restarted and forgot
+        them."""
+        sha = await self._sha_of(text)
+
+        def build(pipe: Pipeline) -> None:
+            for keys, args in calls:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+        try:
+            return await self.execute(build)
+        except NoScriptError:
+            self._sha.pop(text, None)
+            return await self.script(text, calls)
 
     async def execute(self, build: Build) -> list[Any]:
         """Queue the commands ``build`` adds to a pipeline; their replies, in order."""

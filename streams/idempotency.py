@@ -15,24 +15,27 @@ crashes.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
 
-from .batching import PipelinedRedis, redis_unavailable
+from .batching import PipelinedRedis
 from .kafka import Outgoing
 
 __all__ = ["Claim", "EmissionStore", "MemoryEmissionStore", "Recall", "RedisEmissionStore"]
 
 Recall = tuple[list[Outgoing] | None, bool]
 _PENDING, _ACKED = b"P", b"A"
+_PENDING_AT = b"T"  # pending, with the wall-clock ms it was stored at (8 bytes)
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def _pending(messages: list[Outgoing]) -> bytes:
+    return _PENDING_AT + _U64.pack(int(time.time() * 1000)) + _dump(messages)
 
 
 _NONE = 0xFFFFFFFF  # the length that marks a missing key (or header value)
@@ -88,11 +91,13 @@ def _load(data: bytes) -> list[Outgoing]:
 class Claim:
     """What claiming a key found: ``leased`` (run it), ``stored`` (re-send ``outputs``),
     ``acked`` or ``done`` (nothing to do), or ``busy`` (another worker holds the lease for
-    ``wait_ms`` more)."""
+    ``wait_ms`` more). A stored output says when it was stored (``stored_ms``, wall clock),
+    so a record that finds it can look for it on the broker before sending it again."""
 
     state: Literal["leased", "stored", "acked", "done", "busy"]
     outputs: list[Outgoing] | None = None
     wait_ms: int = 0
+    stored_ms: int | None = None
 
 
 def _claim_of(entry: bytes | None) -> Claim | None:
@@ -100,6 +105,9 @@ def _claim_of(entry: bytes | None) -> Claim | None:
         return None
     if entry[:1] == _ACKED:
         return Claim("acked")
+    if entry[:1] == _PENDING_AT:
+        (stored_ms,) = _U64.unpack_from(entry, 1)
+        return Claim("stored", _load(entry[9:]), stored_ms=int(stored_ms))
     return Claim("stored", _load(entry[1:]))
 
 
@@ -169,35 +177,9 @@ class RedisEmissionStore:
         self._lease = f"{prefix}:lease:"
         self._done = f"{prefix}:done:"
         self._ttl_s = ttl_s
-        self._sha: dict[str, str] = {}
-        self._loading = asyncio.Lock()
-
-    async def _sha_of(self, text: str) -> str:
-        sha = self._sha.get(text)
-        if sha is None:
-            async with self._loading:  # one load, not one per record waiting for it
-                sha = self._sha.get(text)
-                if sha is None:
-                    try:
-                        [sha] = await self._redis.execute(lambda pipe: pipe.script_load(text))
-                    except NoScriptError as exc:  # not expected from SCRIPT LOAD
-                        raise redis_unavailable(exc) from exc
-                    self._sha[text] = sha
-        return str(sha)
 
     async def _script(self, text: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Run the script once per (keys, args), in one round trip; scripts are loaded
-        again if Redis restarted and forgot them."""
-        sha = await self._sha_of(text)
-
-        def build(pipe: Pipeline) -> None:
-            for keys, args in calls:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-        try:
-            return await self._redis.execute(build)
-        except NoScriptError:
-            self._sha.pop(text, None)
-            return await self._script(text, calls)
+        return await self._redis.script(text, calls)
 
     async def claim(self, key: str, done_key: str | None, token: str, lease_ms: int) -> Claim:
         [(code, detail)] = await self._script(
@@ -217,7 +199,7 @@ class RedisEmissionStore:
                       done_key: str | None) -> Claim | None:
         [winner] = await self._script(
             _PUBLISH, [([self._prefix + key, self._done + done_key if done_key else "",
-                         self._lease + key], [_PENDING + _dump(messages),
+                         self._lease + key], [_pending(messages),
                                               self._ttl_s, token])])
         return _claim_of(winner) if winner else None
 
@@ -237,7 +219,7 @@ class RedisEmissionStore:
         return found.outputs, found.state == "acked"
 
     async def remember(self, key: str, messages: list[Outgoing]) -> None:
-        value = _PENDING + _dump(messages)
+        value = _pending(messages)
         await self._redis.execute(
             lambda pipe: pipe.set(self._prefix + key, value, ex=self._ttl_s))
 

@@ -17,6 +17,7 @@ from .consumer import StepConsumer
 from .executor import Executor
 from .idempotency import EmissionStore, RedisEmissionStore
 from .kafka import Producer
+from .landed import LandedCheck
 from .metrics import Observe, StreamMetrics
 from .stages import Stage, default_stages
 
@@ -43,8 +44,10 @@ class Runtime:
         self.redis = redis if isinstance(redis, PipelinedRedis) else PipelinedRedis(redis)
         claims = ClaimStore(self.redis, settings.topic_prefix, settings.idempotency_ttl_s,
                             settings.claim_check_bytes)
+        # stored outputs found again after a crash are looked for on the broker first
+        self.landed = LandedCheck(settings)
         self.stages = stages or (lambda producer, store: default_stages(
-            producer, store, claims, settings.lease_ttl_s, observe))
+            producer, store, claims, settings.lease_ttl_s, observe, self.landed))
         self.consumers: list[StepConsumer] = []
         self.ready = asyncio.Event()
 
@@ -77,6 +80,7 @@ class Runtime:
                 await asyncio.gather(*helpers, return_exceptions=True)
         finally:
             await producer.stop()
+            await self.landed.close()
 
     async def _announce_ready(self) -> None:
         await asyncio.gather(*(c.assigned.wait() for c in self.consumers))

@@ -39,8 +39,9 @@ from agentfabric.errors import (
 from .claims import ClaimStore
 from .dlq import dead_letter, redact
 from .executor import Emit, Executor, Job
-from .idempotency import EmissionStore
+from .idempotency import Claim, EmissionStore
 from .kafka import Outgoing, Producer
+from .landed import LandedCheck
 from .leases import LeaseKeeper
 from .logcontext import job_fields
 from .tolerant import invalid_header_keys
@@ -48,6 +49,7 @@ from .tolerant import invalid_header_keys
 __all__ = ["Next", "Pass", "Pipeline", "Stage", "default_stages", "log_context"]
 
 log = logging.getLogger(__name__)
+SETTLE_MS = 2_000  # how long a stored output may take to be sent before it is looked for
 
 
 @dataclass(slots=True)
@@ -200,10 +202,12 @@ class Dedupe:
     runs. Its output, dead letters included, is published before it is sent, and the first
     output published wins: a record that lost its lease re-sends the winner's bytes."""
 
-    def __init__(self, store: EmissionStore, lease_ttl_s: float = 30.0) -> None:
+    def __init__(self, store: EmissionStore, lease_ttl_s: float = 30.0,
+                 landed: LandedCheck | None = None) -> None:
         self.store = store
         self.leases = LeaseKeeper(store, int(lease_ttl_s * 1000))
         self.instance = uuid.uuid4().hex[:12]  # tokens of this stage's leases
+        self.landed = landed
 
     async def __call__(self, work: Pass, after: Next) -> None:
         job = work.job
@@ -219,7 +223,7 @@ class Dedupe:
             if claim.state in ("acked", "done"):
                 return
             if claim.state == "stored":
-                work.outputs, work.ack_key = claim.outputs or [], key
+                work.outputs, work.ack_key = await self._unsent(work, key, claim), key
                 return
             if claim.state == "leased":
                 break
@@ -239,8 +243,29 @@ class Dedupe:
             if winner.state == "acked":
                 work.outputs = []
                 return
-            work.outputs = winner.outputs or []
+            work.outputs = await self._unsent(work, key, winner)
         work.ack_key = key
+
+    async def _unsent(self, work: Pass, key: str, claim: Claim) -> list[Outgoing]:
+        """Of a stored output, what is not on the broker yet (``streams.landed``): a worker
+        that stored it a moment ago is given ``SETTLE_MS`` to send it and mark it sent."""
+        outputs = claim.outputs or []
+        if self.landed is None or claim.stored_ms is None or not outputs:
+            return outputs
+        wait_ms = claim.stored_ms + SETTLE_MS - int(time.time() * 1000)
+        if wait_ms > 0:
+            await asyncio.sleep(wait_ms / 1000)
+            stored, acked = await self.store.recall(key)
+            if acked:
+                return []
+            if stored is None:  # forgotten meanwhile (the broker refused it): as it was
+                return outputs
+        missing = await self.landed.missing(outputs, claim.stored_ms)
+        if len(missing) < len(outputs):
+            log.info("%s: %d of %d stored outputs of %s are on the broker already; sending "
+                     "%d", work.executor.name, len(outputs) - len(missing), len(outputs),
+                     key, len(missing))
+        return missing
 
 
 async def execute(work: Pass, after: Next) -> None:
@@ -311,13 +336,14 @@ class ClaimChecks:
 
 
 def default_stages(producer: Producer, store: EmissionStore, claims: ClaimStore | None = None,
-                   lease_ttl_s: float = 30.0, observe: Stage | None = None) -> list[Stage]:
+                   lease_ttl_s: float = 30.0, observe: Stage | None = None,
+                   landed: LandedCheck | None = None) -> list[Stage]:
     """The stages in order; ``observe`` (e.g. ``streams.metrics.Observe``) goes first, so it
     sees the outputs as acknowledged."""
     first = [observe] if observe is not None else []
     if claims is None:
         return [*first, Acknowledge(producer, store), decode, log_context,
-                Dedupe(store, lease_ttl_s), execute, route]
+                Dedupe(store, lease_ttl_s, landed), execute, route]
     checks = ClaimChecks(claims)
     return [*first, Acknowledge(producer, store, claims), checks.incoming, decode,
-            log_context, Dedupe(store, lease_ttl_s), checks.outgoing, execute, route]
+            log_context, Dedupe(store, lease_ttl_s, landed), checks.outgoing, execute, route]

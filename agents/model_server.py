@@ -2,7 +2,8 @@
 
 The real ``openai.AsyncOpenAI`` client talks to it with ``base_url=handle.url``. Endpoints:
 ``POST /v1/chat/completions`` (no streaming), ``POST /v1/embeddings``, ``GET /v1/models``,
-``GET /healthz``, and for tests ``POST /_script`` (replace the script: YAML or JSON body),
+``GET /healthz``, ``GET /metrics`` (Prometheus: requests by endpoint, model and status,
+latency, tokens), and for tests ``POST /_script`` (replace the script: YAML or JSON body),
 ``POST /_script/reset`` (forget how many requests each rule's faults have served),
 ``GET /_requests`` (the request log) and ``DELETE /_requests`` (clear it).
 
@@ -132,12 +133,44 @@ class _State:
     script: ModelScript
     served: dict[int, int] = field(default_factory=dict)  # rule index -> requests seen
     log: list[dict[str, Any]] = field(default_factory=list)
+    metrics: _Metrics = field(default_factory=lambda: _Metrics())
 
     def rule_label(self, index: int) -> str:
         return self.script.rules[index].name or f"rules[{index}]"
 
 
 _STATE = web.AppKey("agentfabric_model_state", _State)
+_ENTRY = web.RequestKey("agentfabric_log_entry", dict)  # the request's log entry
+
+
+class _Metrics:
+    """The server's own registry (nothing global): what ``GET /metrics`` serves."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("agentfabric_model_server_requests",
+                                "Requests answered, by endpoint, model and HTTP status",
+                                ["endpoint", "model", "status"], registry=self.registry)
+        self.seconds = Histogram("agentfabric_model_server_request_seconds",
+                                 "Time to answer a request, scripted latency included",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.tokens = Counter("agentfabric_model_server_tokens",
+                              "Tokens counted in requests (in) and answers (out)",
+                              ["model", "direction"], registry=self.registry)
+
+    def observe(self, request: web.Request, status: int, seconds: float) -> None:
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        entry = request.get(_ENTRY)
+        model = str(entry.get("model") or "-") if entry else "-"
+        self.requests.labels(endpoint, model, str(status)).inc()
+        self.seconds.labels(endpoint).observe(seconds)
+        if entry:
+            self.tokens.labels(model, "in").inc(int(entry.get("prompt_tokens") or 0))
+            self.tokens.labels(model, "out").inc(int(entry.get("completion_tokens") or 0))
 
 
 def _matches(rule: RuleSpec, workflow: str | None, step: str | None, model: str,
@@ -205,6 +238,7 @@ async def _chat(request: web.Request) -> web.Response:
         "completion_tokens": 0, "fault": None, "received_at": received_at,
     }
     state.log.append(entry)
+    request[_ENTRY] = entry
     try:
         index = next((i for i, rule in enumerate(state.script.rules)
                       if _matches(rule, workflow, step, model, "\n".join(users))), None)
@@ -297,6 +331,7 @@ async def _embeddings(request: web.Request) -> web.Response:
             encoded = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": encoded})
     tokens = sum(count_tokens(t) for t in texts)
+    request[_ENTRY] = {"model": model, "prompt_tokens": tokens}
     state.log.append({"rule": None, "workflow": request.headers.get("x-agentfabric-workflow"),
                       "step": request.headers.get("x-agentfabric-step"), "model": model,
                       "status": 200, "turn": None, "prompt_tokens": tokens,
@@ -343,6 +378,25 @@ async def _clear_requests(request: web.Request) -> web.Response:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    body = generate_latest(request.app[_STATE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def _observed(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Count and time every API request (not the metrics or test endpoints)."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    started = time.perf_counter()
+    response = await handler(request)  # errors are answers already (_errors runs inside)
+    request.app[_STATE].metrics.observe(request, response.status,
+                                        time.perf_counter() - started)
+    return response
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
     try:
@@ -358,12 +412,13 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 
 def create_app(script: ModelScript) -> web.Application:
     """The aiohttp application serving ``script``; state lives in the application."""
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_observed, _errors])
     app[_STATE] = _State(script)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_post("/_script", _replace_script)
     app.router.add_post("/_script/reset", _reset)
     app.router.add_get("/_requests", _requests)

@@ -467,3 +467,34 @@ async def test_demo_script(tmp_path: Path) -> None:
             assert other.choices[0].message.content == "ok"
     finally:
         await handle.close()
+
+
+async def test_metrics_count_requests_latency_and_tokens(
+        client: openai.AsyncOpenAI, http: aiohttp.ClientSession) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    result = await client.chat.completions.create(
+        model="fabric-local-1", messages=[{"role": "user", "content": "Alice"}],
+        extra_headers=headers("content"))
+    assert result.usage is not None
+    await client.embeddings.create(model="fabric-local-1", input=["one two three"])
+    async with http.get("v1/nothing") as response:
+        assert response.status == 404
+    async with http.get("metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    chat = (("endpoint", "/v1/chat/completions"), ("model", "fabric-local-1"),
+            ("status", "200"))
+    assert samples[("agentfabric_model_server_requests_total", chat)] == 1
+    assert samples[("agentfabric_model_server_requests_total",
+                    (("endpoint", "unmatched"), ("model", "-"), ("status", "404")))] == 1
+    assert samples[("agentfabric_model_server_request_seconds_count",
+                    (("endpoint", "/v1/embeddings"),))] == 1
+    tokens_in = samples[("agentfabric_model_server_tokens_total",
+                         (("direction", "in"), ("model", "fabric-local-1")))]
+    assert tokens_in == result.usage.prompt_tokens + count_tokens("one two three")
+    assert samples[("agentfabric_model_server_tokens_total",
+                    (("direction", "out"), ("model", "fabric-local-1")))] == \
+        result.usage.completion_tokens

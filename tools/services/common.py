@@ -42,6 +42,7 @@ __all__ = [
     "parse_body",
     "path_param",
     "serve",
+    "stored_record",
     "tenant_of",
 ]
 
@@ -177,6 +178,18 @@ def path_param(request: web.Request, name: str, pattern: re.Pattern[str], what: 
     if not pattern.fullmatch(value):
         raise ApiError(400, f"{value!r} is not a valid {what}")
     return value
+
+
+def stored_record(request: web.Request, table: str, param: str, pattern: re.Pattern[str],
+                  what: str, missing: str) -> web.Response:
+    """``GET`` of one record a write stored in this tenant's ``table``: the path parameter
+    ``param`` names it; 404 says ``missing`` (formatted with ``id`` and ``tenant``)."""
+    record_id = path_param(request, param, pattern, what)
+    tenant = tenant_of(request)
+    found = request.app[STATE].table(tenant, table).get(record_id)
+    if found is None:
+        raise ApiError(404, missing.format(id=record_id, tenant=tenant))
+    return web.json_response(found)
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:

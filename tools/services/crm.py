@@ -19,14 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (
     STATE,
-    ApiError,
     apply_once,
     create_service_app,
     idempotency_key,
     load_csv,
     parse_body,
     path_param,
-    tenant_of,
+    stored_record,
 )
 
 __all__ = ["LeadScore", "create_app", "lookup_account"]
@@ -83,12 +82,8 @@ async def _score_lead(request: web.Request) -> web.Response:
 
 
 async def _get_lead(request: web.Request) -> web.Response:
-    lead_id = path_param(request, "lead_id", LEAD_ID, "lead id")
-    tenant = tenant_of(request)
-    lead = request.app[STATE].table(tenant, "leads").get(lead_id)
-    if lead is None:
-        raise ApiError(404, f"no lead {lead_id} has been scored in tenant {tenant}")
-    return web.json_response(lead)
+    return stored_record(request, "leads", "lead_id", LEAD_ID, "lead id",
+                         "no lead {id} has been scored in tenant {tenant}")
 
 
 def _routes(app: web.Application) -> None:

@@ -22,14 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (
     STATE,
-    ApiError,
     apply_once,
     create_service_app,
     idempotency_key,
     load_csv,
     parse_body,
     path_param,
-    tenant_of,
+    stored_record,
 )
 
 __all__ = ["ApprovalRequest", "InvoiceArgs", "create_app", "lookup_vendor", "validate_invoice"]
@@ -131,12 +130,9 @@ async def _record_approval(request: web.Request) -> web.Response:
 
 
 async def _get_approval(request: web.Request) -> web.Response:
-    approval_id = path_param(request, "approval_id", APPROVAL_ID, "approval id (APR-000001)")
-    tenant = tenant_of(request)
-    approval = request.app[STATE].table(tenant, "approvals").get(approval_id)
-    if approval is None:
-        raise ApiError(404, f"no approval {approval_id} is recorded in tenant {tenant}")
-    return web.json_response(approval)
+    return stored_record(request, "approvals", "approval_id", APPROVAL_ID,
+                         "approval id (APR-000001)",
+                         "no approval {id} is recorded in tenant {tenant}")
 
 
 def _routes(app: web.Application) -> None:

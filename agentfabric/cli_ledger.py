@@ -18,6 +18,7 @@ from .cli_common import out, run
 from .cli_common import settings as settings_
 from .errors import ConfigError
 from .ledger import RunLedger, RunSummary, UsageRow, event_json, parse_since
+from .redaction import terminal_text
 
 __all__ = ["register"]
 
@@ -86,6 +87,10 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id.")],
     out.print(table)
     out.print(f"wall time {summary.finished_ms - summary.started_ms} ms (steps plus the hops "
               f"between them)")
+    for e in events:
+        if e.error:  # failed attempts: retried, or dead-lettered
+            out.print(f"{terminal_text(e.step)} attempt {e.attempt} ({e.outcome}): "
+                      f"{terminal_text(e.error)}")
 
 
 @runs_app.command("list")

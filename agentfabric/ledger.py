@@ -32,17 +32,18 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agents.engine import Emitted
-from schemas.models import HandOff, RunEvent, RunResult, StepMessage, Usage
+from schemas.models import HandOff, RunEvent, RunResult, StepMessage, Usage, utc_now
 from schemas.serde import decode, unseal
 from streams.batching import PipelinedRedis, redis_unavailable
 from streams.executor import Emit, Job
 from streams.topics import TopicNames
 
 from .errors import ConfigError, TransientError, UnavailableError
+from .redaction import redact
 from .settings import Settings
 
-__all__ = ["LedgerExecutor", "RunLedger", "RunSummary", "UsageRow", "parse_since",
-           "step_event"]
+__all__ = ["FAILED", "LedgerExecutor", "RunLedger", "RunSummary", "UsageRow", "failed_event",
+           "parse_since", "step_event"]
 
 RETENTION_S = 30 * 24 * 3600
 HOUR_MS = 3_600_000
@@ -71,14 +72,14 @@ redis.call('HINCRBY', run, 'input_tokens', ARGV[9])
 redis.call('HINCRBY', run, 'output_tokens', ARGV[10])
 redis.call('HINCRBYFLOAT', run, 'cost_usd', ARGV[11])
 redis.call('HINCRBY', run, 'tool_calls', ARGV[12])
-redis.call('HINCRBY', run, 'steps', 1)
+redis.call('HINCRBY', run, 'steps', ARGV[16])
 redis.call('ZADD', KEYS[4], f, ARGV[13])
 local u = ARGV[14]
 redis.call('HINCRBY', KEYS[5], u .. 'input_tokens', ARGV[9])
 redis.call('HINCRBY', KEYS[5], u .. 'output_tokens', ARGV[10])
 redis.call('HINCRBYFLOAT', KEYS[5], u .. 'cost_usd', ARGV[11])
 redis.call('HINCRBY', KEYS[5], u .. 'tool_calls', ARGV[12])
-redis.call('HINCRBY', KEYS[5], u .. 'steps', 1)
+redis.call('HINCRBY', KEYS[5], u .. 'steps', ARGV[16])
 redis.call('ZADD', KEYS[6], ARGV[15], ARGV[15])
 for i = 2, 6 do redis.call('EXPIRE', KEYS[i], ttl) end
 return 1
@@ -91,6 +92,26 @@ def _usage_of(emitted: Emitted) -> Usage | None:
     if emitted.envelope_schema.startswith("step_message"):
         return unseal(emitted.envelope, emitted.envelope_schema, StepMessage).usage
     return None
+
+
+FAILED = ("retry", "dead_letter")  # a failed attempt: listed, but not counted as a step
+# the run's status after a non-final event (a result's status is final)
+_RUNNING_AS = {"hand_off": "handed_off", "retry": "retrying", "dead_letter": "dead_letter"}
+
+
+def failed_event(message: StepMessage, outcome: str, error: BaseException, started_s: float,
+                 seconds: float) -> RunEvent:
+    """The run event of an attempt that failed: retried (``retry``) or dead-lettered
+    (``dead_letter``), with the error class and its redacted reason."""
+    started = datetime.fromtimestamp(started_s, UTC) if started_s else utc_now()
+    reason = getattr(error, "reason", None) or str(error)
+    return RunEvent(
+        run_id=message.run_id, workflow=message.workflow,
+        workflow_version=message.workflow_version, step=message.step, tenant=message.tenant,
+        idempotency_key=message.idempotency_key, attempt=message.attempt, outcome=outcome,
+        started_at=started, finished_at=started + timedelta(seconds=seconds),
+        latency_ms=round(seconds * 1000, 3), trace_parent=message.trace_parent,
+        error=redact(f"{type(error).__name__}: {reason}")[:500])
 
 
 def step_event(message: StepMessage, emitted: Sequence[Emitted], started: datetime,
@@ -189,9 +210,10 @@ class RunLedger:
             self.retention_s, event.model_dump_json(), event.workflow, event.tenant,
             event.status or "" if event.outcome == "result" else "",
             _ms(event.started_at), _ms(event.finished_at),
-            "handed_off" if event.outcome == "hand_off" else "running",
+            _RUNNING_AS.get(event.outcome, "running"),
             event.input_tokens, event.output_tokens, repr(event.cost_usd), event.tool_calls,
-            event.run_id, f"{event.tenant}|{event.workflow}|{event.step}|", hour]
+            event.run_id, f"{event.tenant}|{event.workflow}|{event.step}|", hour,
+            0 if event.outcome in FAILED else 1]
         try:
             [counted] = await self._pipelined.script(_FOLD, [(keys, args)])
         except UnavailableError:

@@ -213,7 +213,8 @@ class RunResult(AvroModel):
 class RunEvent(AvroModel):
     """One processed step of a run, on the run-events topic: timing and what it consumed
     (the step's share of the run's usage). ``outcome``: next, result, retry, dead_letter or
-    hand_off; ``status``: the run's status when ``outcome`` is result."""
+    hand_off; ``status``: the run's status when ``outcome`` is result; ``error``: why an
+    attempt failed (retry, dead_letter)."""
 
     avro_name: ClassVar[str] = "run_event"
 
@@ -234,6 +235,7 @@ class RunEvent(AvroModel):
     tool_calls: int = 0
     trace_parent: str | None = None
     status: str | None = None
+    error: str | None = None
 
 
 class HandOff(AvroModel):

@@ -65,6 +65,8 @@ class Pass:
     ack_key: str | None = None
     error: Exception | None = None  # why the outputs are a dead letter, if they are
     retried: bool = False  # the outputs are the job's next attempt
+    started: float = 0.0  # wall-clock seconds when the execution began
+    executed_s: float = 0.0  # how long it ran
 
     def dead(self, error: Exception) -> list[Outgoing]:
         self.error = error
@@ -271,6 +273,7 @@ class Dedupe:
 async def execute(work: Pass, after: Next) -> None:
     """Run the executor under the job's timeout; a timeout is a transient failure."""
     assert work.job is not None
+    work.started, clock = time.time(), time.perf_counter()
     try:
         async with asyncio.timeout(work.job.timeout_s):
             work.emits = await work.executor.execute(work.job)
@@ -282,6 +285,7 @@ async def execute(work: Pass, after: Next) -> None:
             f"raise the step's timeout_s or find what is slow")
     except Exception as exc:  # noqa: BLE001 - a step's failure is routed, never raised
         work.failure = exc
+    work.executed_s = time.perf_counter() - clock
     await after(work)
 
 
@@ -311,7 +315,23 @@ async def route(work: Pass, after: Next) -> None:
                       work.record.partition, work.record.offset, type(failure).__name__,
                       failure, exc_info=failure)
         work.outputs = work.dead(failure)
+    if work.failure is not None:
+        work.outputs += _failure_notes(work, "retry" if work.retried else "dead_letter")
     await after(work)
+
+
+def _failure_notes(work: Pass, outcome: str) -> list[Outgoing]:
+    """What the executor sends beside a retry or a dead letter (its ``attempt_failed``
+    hook, e.g. the run ledger's event of the failed attempt); never in the way of either."""
+    hook = getattr(work.executor, "attempt_failed", None)
+    if hook is None or work.job is None or work.failure is None:
+        return []
+    try:
+        emits = hook(work.job, outcome, work.failure, work.started, work.executed_s)
+        return [Outgoing.of(e.topic, e.key, e.model, e.headers) for e in emits]
+    except Exception:  # a note is not worth losing the retry or the dead letter for
+        log.exception("%s: could not note a failed attempt", work.executor.name)
+        return []
 
 
 class ClaimChecks:

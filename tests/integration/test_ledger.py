@@ -160,3 +160,64 @@ async def test_runs_show_and_usage_add_up_to_the_results(llm_settings: Settings)
                                                        for r in results.values()))
     other = cli("usage", "--tenant", "nobody", "--json", env=env)
     assert json.loads(other.stdout)["rows"] == []
+
+
+FLAKY_SCRIPT = {"rules": [
+    {"match": {"workflow": "flaky"}, "faults": [{"status": 503, "times": 1}],
+     "turns": [{"content": {"ok": True}}]},
+]}
+FLAKY = {
+    "name": "flaky", "version": 1,
+    "trigger": {"source": "crm", "event_types": ["lead.created"]},
+    "steps": [
+        {"id": "ask", "kind": "llm", "model": "local", "prompt": "say ok"},
+        {"id": "divide", "kind": "transform", "output": "{{ 1 / input.zero }}"},
+    ],
+}
+
+
+async def test_failed_attempts_are_in_the_timeline(settings: Settings, tmp_path: Path) -> None:
+    """A retried attempt and a dead-lettered one each leave a run event with the error; the
+    run's status says it was dead-lettered; failed attempts are not counted as steps."""
+    from agentfabric.app import publish_events
+
+    async with scripted_server(FLAKY_SCRIPT) as server:
+        workflows = tmp_path / "workflows"
+        workflows.mkdir()
+        (workflows / "flaky.yaml").write_text(yaml.safe_dump(FLAKY))
+        models = models_file(tmp_path, server.url, max_retries=0)
+        flaky = settings.model_copy(update={"workflows_dir": workflows, "models_file": models,
+                                            "retry_tiers_s": [0.2, 0.5]})
+        names = TopicNames(flaky.topic_prefix)
+        trigger = TriggerEvent(event_id="ev-flaky", source="crm", event_type="lead.created",
+                               tenant="acme", payload={"zero": 0})
+        run_id = run_id_for(trigger, "flaky")
+        async with running_worker(flaky):
+            await publish_events(flaky, names.trigger("crm"), [trigger])
+            events = await read_until(flaky, names.run_events, RunEvent,
+                                      lambda found: any(e.outcome == "dead_letter"
+                                                        for e in found), within=60)
+            await _folded(flaky, [run_id], 1)
+    assert [(e.step, e.attempt, e.outcome) for e in events] == [
+        ("ask", 1, "retry"), ("ask", 2, "next"), ("divide", 1, "dead_letter")]
+    retry, _, dead = events
+    assert retry.error is not None and "503" in retry.error
+    assert dead.error is not None and dead.error.startswith("ExpressionEvalError")
+    assert all(e.run_id == run_id for e in events)
+
+    env = {**settings_env(flaky), "AGENTFABRIC_WORKFLOWS_DIR": str(workflows),
+           "AGENTFABRIC_MODELS_FILE": str(models)}
+    deadline = time.monotonic() + 30
+    while True:
+        shown = cli("runs", "show", run_id, "--json", env=env)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        timeline = json.loads(shown.stdout)
+        if len(timeline["steps"]) == 3 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert [s["outcome"] for s in timeline["steps"]] == ["retry", "next", "dead_letter"]
+    assert timeline["status"] == "dead_letter"
+    assert timeline["totals"]["steps"] == 1  # only the attempt that went on counts
+    table = cli("runs", "show", run_id, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "divide attempt 1 (dead_letter): ExpressionEvalError" in table.stdout

@@ -15,7 +15,7 @@ from agentfabric.executors import RouterExecutor, StepExecutor
 from agentfabric.settings import Settings
 from agents.engine import Engine
 from agents.loader import load_workflows
-from schemas.models import DeadLetter, RunResult, StepMessage, TriggerEvent
+from schemas.models import DeadLetter, RunEvent, RunResult, StepMessage, TriggerEvent
 from schemas.serde import decode, encode
 from streams.executor import Executor
 from streams.idempotency import MemoryEmissionStore
@@ -79,8 +79,10 @@ def lead_json(**extra: Any) -> bytes:
 
 
 def only_dead_letter(messages: list[Outgoing]) -> DeadLetter:
-    assert [m.topic for m in messages] == ["af.dlq"]
-    return decode(messages[0].value, messages[0].headers, DeadLetter)
+    """The one dead letter among ``messages`` (beside it at most the ledger's event)."""
+    letters = without_run_events(messages)
+    assert [m.topic for m in letters] == ["af.dlq"]
+    return decode(letters[0].value, letters[0].headers, DeadLetter)
 
 
 async def test_router_accepts_plain_json_from_foreign_producers(
@@ -203,8 +205,12 @@ async def test_transient_step_failure_retries_then_dead_letters(
     [to_enrich] = without_run_events((await normalise.handle(
         record(first.topic, first.value, list(first.headers)))).messages)
     enrich = step_handler(engine, store, "lead_enrichment", "enrich", 2)
-    [retry] = (await enrich.handle(record(to_enrich.topic, to_enrich.value,
-                                          list(to_enrich.headers)))).messages
+    retry, note = (await enrich.handle(record(to_enrich.topic, to_enrich.value,
+                                              list(to_enrich.headers)))).messages
+    # beside the retry, the ledger's event of the failed attempt
+    failed = decode(note.value, note.headers, RunEvent)
+    assert (failed.outcome, failed.attempt, failed.step) == ("retry", 1, "enrich")
+    assert failed.error == "TransientError: the CRM is unavailable"
     assert retry.topic == "af.retry.lead_enrichment.enrich.1s", "waits on the first tier"
     assert decode(retry.value, retry.headers, StepMessage).attempt == 2
     headers = dict(retry.headers)

@@ -36,10 +36,11 @@ from schemas.models import DeadLetter, RunResult, TriggerEvent, utc_now
 from schemas.serde import decode, validation_reason
 from streams.batching import PipelinedRedis
 from streams.claims import ClaimStore
-from streams.codec import trace_header
+from streams.codec import TRACE_HEADER, trace_header
 from streams.kafka import Outgoing, Producer, make_consumer
 from streams.topics import TopicNames
 
+from . import tracing
 from .errors import (
     ConfigError,
     MessageValidationError,
@@ -76,6 +77,7 @@ class Client:
         self._redis: Redis | None = None
         self._signer: TenantSigner | None = None
         self._claims: ClaimStore | None = None
+        self._traced = False
 
     @classmethod
     def from_env(cls, **overrides: object) -> Client:
@@ -93,6 +95,7 @@ class Client:
         """Connect the producer and Redis (``async with`` does this)."""
         if self._producer is not None:
             return
+        self._traced = tracing.start(self.settings)  # a ConfigError without the otel extra
         redis = Redis.from_url(self.settings.redis_url, socket_timeout=10,
                                socket_connect_timeout=5)
         producer = Producer(self.settings, client_id="agentfabric-client")
@@ -100,6 +103,9 @@ class Client:
             await producer.start()
         except BaseException:
             await redis.aclose()
+            if self._traced:
+                self._traced = False
+                await tracing.stop()
             raise
         self._redis, self._producer = redis, producer
         self._signer = TenantSigner(self.settings, redis)
@@ -116,6 +122,9 @@ class Client:
         finally:
             if redis is not None:
                 await redis.aclose()
+            if self._traced:  # flushes the client's spans
+                self._traced = False
+                await tracing.stop()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -136,10 +145,11 @@ class Client:
         await producer.send_all(await claims.check(messages))
 
     async def publish(self, event: TriggerEvent | Mapping[str, Any], *,
-                      source: str | None = None) -> list[str]:
+                      source: str | None = None, traceparent: str | None = None) -> list[str]:
         """Publish one trigger event (a model, or a dict as ``agentfabric publish`` takes)
         to its source's trigger topic, signed for its tenant; returns the ids of the runs
-        it starts (an event no loaded workflow takes is refused before it is sent)."""
+        it starts (an event no loaded workflow takes is refused before it is sent). The
+        runs join the W3C trace ``traceparent`` (or, with tracing on, the current span's)."""
         _, signer, _ = self._started()
         if not isinstance(event, TriggerEvent):
             data = dict(event)
@@ -156,17 +166,23 @@ class Client:
                                          f"'{event.source}' but source '{source}' was given")
         run_ids = [run_id_for(event, wf.name) for wf in self.workflows.starting(event)]
         headers = await signer.headers(event.tenant, event.event_id)
-        await self._send([Outgoing.of(self.names.trigger(event.source), event.event_id,
-                                      event, headers)])
+        with tracing.entry_span(f"publish {event.source}", traceparent, kind="producer",
+                                source=event.source, tenant=event.tenant,
+                                event_type=event.event_type) as span:
+            if span.traceparent is not None:
+                headers.append((TRACE_HEADER, span.traceparent.encode()))
+            await self._send([Outgoing.of(self.names.trigger(event.source), event.event_id,
+                                          event, headers)])
         return run_ids
 
     async def run(self, workflow: str, input: Mapping[str, Any], *,
                   tenant: str = "default",
                   timeout: float = 60.0,  # noqa: ASYNC109 (the error names the run id)
-                  ) -> RunResult:
+                  traceparent: str | None = None) -> RunResult:
         """Start ``workflow`` (its latest version) on ``input`` for ``tenant`` and wait for
         its result; raises :class:`~agentfabric.errors.RunTimeoutError` (naming the run id)
-        if none comes within ``timeout`` seconds (the run may still finish)."""
+        if none comes within ``timeout`` seconds (the run may still finish). The run joins
+        the W3C trace ``traceparent`` (or, with tracing on, the current span's)."""
         self._started()
         wf = self.workflows.latest(workflow)
         try:
@@ -176,14 +192,19 @@ class Client:
         except ValidationError as exc:
             raise MessageValidationError(f"the run was not started: "
                                          f"{validation_reason(exc)}") from exc
-        message = first_message(wf, event, utc_now())
         topic = self.names.results(wf.name)
-        async with _ResultWatch(self.settings, topic, self._claims) as watch:
-            # reading from the result topic's end before the run starts: its result is
-            # written after this point, so it cannot be missed
-            await self._send([Outgoing.of(self.names.step(wf.name, wf.first_step),
-                                          message.run_id, message, trace_header(message))])
-            result = await watch.wait_for(message.run_id, timeout)
+        with tracing.entry_span(f"run {wf.name}", traceparent, kind="producer",
+                                workflow=wf.name, tenant=tenant) as span:
+            message = first_message(wf, event, utc_now(), span.traceparent)
+            span.set(run_id=message.run_id)
+            async with _ResultWatch(self.settings, topic, self._claims) as watch:
+                # reading from the result topic's end before the run starts: its result is
+                # written after this point, so it cannot be missed
+                await self._send([Outgoing.of(self.names.step(wf.name, wf.first_step),
+                                              message.run_id, message,
+                                              trace_header(message))])
+                result = await watch.wait_for(message.run_id, timeout)
+            span.set(status=result.status if result is not None else "timeout")
         if result is None:
             raise RunTimeoutError(
                 f"run {message.run_id} of {wf.name} has no result after {timeout:g}s; it may "

@@ -38,9 +38,10 @@ from streams.codec import (
 from streams.executor import Emit, Job
 from streams.topics import TopicNames
 
+from . import tracing
 from .approvals import APPROVAL_HEADER, ApprovalStore
 from .errors import TransientError
-from .ledger import step_event
+from .ledger import failed_event, step_event
 from .settings import Settings
 from .tenancy import TenantVerifier
 
@@ -76,9 +77,23 @@ class RouterExecutor:
                    replay_of=replay_of)
 
     async def execute(self, job: Job) -> Sequence[Emit]:
-        assert isinstance(job.message, TriggerEvent)
+        event = job.message
+        assert isinstance(event, TriggerEvent)
+        # an event sent with a trace gets a span here (its id derived from the event, so a
+        # redelivery emits the same bytes): the parent of its runs' first steps
+        incoming = tracing.parse_traceparent(job.trace_parent)
+        if incoming is None:
+            return [Emit(self.names.step(m.workflow, m.step), m.run_id, m, trace_header(m))
+                    for m in self.engine.start(event, None)]
+        routed = incoming._replace(span_id=tracing.span_id_for(f"route:{job.done_key}"))
+        with tracing.linked_span(f"route {event.source}", incoming, span_id=routed.span_id,
+                                 source=event.source, tenant=event.tenant,
+                                 event_type=event.event_type) as span:
+            started = self.engine.start(event, routed.header)
+            span.outcome("started" if started else "none")
+            span.set(runs=len(started))
         return [Emit(self.names.step(m.workflow, m.step), m.run_id, m, trace_header(m))
-                for m in self.engine.start(job.message, job.trace_parent)]
+                for m in started]
 
     def retry(self, job: Job, error: TransientError) -> Emit | None:
         return None  # starting runs is a pure function of the event: nothing to wait out
@@ -132,14 +147,20 @@ class StepExecutor:
         journal = message.idempotency_key + (f":replay:{job.replay_of}" if job.replay_of
                                              else "")
         started, clock = utc_now(), time.perf_counter()
-        run = await self.engine.run_step(message, journal_key=journal,
-                                         approval_of=job.approval_of)
-        out = [self._route(emitted) for emitted in run.emitted]
-        if run.recording is not None:
-            out.append(Emit(self.names.recordings, root_run_id(message), run.recording))
-        # the run ledger's event: one small record, acknowledged with the outputs
-        out.append(Emit(self.names.run_events, message.run_id, step_event(
-            message, run.emitted, started, (time.perf_counter() - clock) * 1000)))
+        lineage = ":".join(f"{k}:{v}" for k, v in (("replay", job.replay_of),
+                                                    ("approved", job.approval_of)) if v)
+        with tracing.step_span(self.name, message, lineage) as span:
+            run = await self.engine.run_step(message, journal_key=journal,
+                                             approval_of=job.approval_of)
+            out = [self._route(emitted) for emitted in run.emitted]
+            if run.recording is not None:
+                out.append(Emit(self.names.recordings, root_run_id(message), run.recording))
+            # the run ledger's event: one small record, acknowledged with the outputs
+            event = step_event(message, run.emitted, started,
+                               (time.perf_counter() - clock) * 1000)
+            out.append(Emit(self.names.run_events, message.run_id, event))
+            span.outcome(event.outcome)
+            span.set(status=event.status, emitted=len(run.emitted))
         return out
 
     def retry(self, job: Job, error: TransientError) -> Emit | None:
@@ -160,6 +181,14 @@ class StepExecutor:
 
     def _route(self, after: Emitted) -> Emit:
         return _route(self.names, after)
+
+    def attempt_failed(self, job: Job, outcome: str, error: BaseException, started_s: float,
+                       seconds: float) -> Sequence[Emit]:
+        """The run ledger's event of a failed attempt, sent with its retry or dead letter."""
+        message = job.message
+        assert isinstance(message, StepMessage)
+        event = failed_event(message, outcome, error, started_s, seconds)
+        return [Emit(self.names.run_events, message.run_id, event)]
 
 
 def _route(names: TopicNames, after: Emitted,

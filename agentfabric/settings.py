@@ -236,6 +236,13 @@ class Settings(BaseSettings):
         default=5.0, gt=0, le=120,
         description="Longest the ingress waits for the broker to acknowledge a delivery's "
                     "events; past it the answer is 503 with Retry-After.")
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="Base URL of an OTLP/HTTP collector (Jaeger, Tempo, an OpenTelemetry "
+                    "Collector), e.g. http://127.0.0.1:4318: spans go to <url>/v1/traces. "
+                    "Unset: no spans (needs the otel extra). See docs/operations.md.")
+    service_name: str = Field(default="agentfabric", min_length=1, max_length=100,
+                              description="service.name of the spans this process exports.")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -263,6 +270,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"the URL of service '{name}' must start with http:// or "
                                  f"https://")
         return {name: url.rstrip("/") for name, url in value.items()}
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (OTLP over HTTP, e.g. "
+                             "http://127.0.0.1:4318)")
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -29,6 +29,7 @@ from tools.gateway.breaker import RedisBreakers
 from tools.gateway.pipeline import Gateway, redis_prefix
 from tools.gateway.ratelimit import RedisRateLimiter
 
+from . import tracing
 from .approvals import ApprovalStore, DecisionPublisher, RedisApprovalGrants, sweep
 from .errors import StackError
 from .executors import approval_executors, executors_for
@@ -157,6 +158,8 @@ class Worker:
         redis = await connect_redis(self.settings)
         stack = contextlib.AsyncExitStack()
         try:
+            if tracing.start(self.settings):  # a ConfigError without the otel extra
+                stack.push_async_callback(tracing.stop)  # last: flushes every span
             self._serve_metrics(stack)
             self.engine.joins = RedisJoinStore(redis, self.settings.topic_prefix,
                                                self.settings.idempotency_ttl_s)

@@ -10,7 +10,6 @@ yields the same runs and idempotency keys, which the step workers use to dedupe.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from agentfabric.errors import ApprovalRequired, ConfigError, PermanentError
+from agentfabric.tracing import TraceParent, parse_traceparent, step_span_id
 from schemas.models import (
     Frame,
     HandOff,
@@ -80,7 +80,7 @@ def first_message(wf: Workflow, event: TriggerEvent, now: datetime,
     key = idempotency_key(run_id, wf.first_step, 0)
     return StepMessage(
         run_id=run_id, workflow=wf.name, workflow_version=wf.version, step=wf.first_step,
-        tenant=event.tenant, trace_parent=trace_parent_for(run_id, key, trace_parent),
+        tenant=event.tenant, trace_parent=_first_trace_parent(run_id, key, trace_parent),
         idempotency_key=key, input=event.payload, context={}, event_id=event.event_id,
         source=event.source, event_type=event.event_type, started_at=now,
         deadline=now + timedelta(seconds=wf.timeout_s) if wf.timeout_s else None)
@@ -93,12 +93,23 @@ def idempotency_key(run_id: str, step: str, visit: int, frames: Sequence[Frame] 
     return f"{run_id}:{step}{branches}:{visit}"
 
 
-def trace_parent_for(run_id: str, key: str, incoming: str | None = None) -> str:
-    """A W3C traceparent: the incoming trace id if any, else one derived from the run."""
-    parts = (incoming or "").split("-")
-    trace_id = parts[1] if len(parts) == 4 and len(parts[1]) == 32 else uuid.UUID(run_id).hex
-    span_id = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return f"00-{trace_id}-{span_id}-01"
+def trace_parent_for(run_id: str, key: str, incoming: str | None = None,
+                     attempt: int = 1) -> str:
+    """The W3C traceparent of a message emitted by attempt ``attempt`` of step visit ``key``:
+    the incoming trace id (and flags) if any, else one derived from the run; the parent span
+    is that attempt's step span (``agentfabric.tracing.step_span_id``), so the next step's
+    span is its child."""
+    parent = parse_traceparent(incoming)
+    trace_id = parent.trace_id if parent is not None else uuid.UUID(run_id).hex
+    flags = parent.flags if parent is not None else "01"
+    return TraceParent(trace_id, step_span_id(key, attempt), flags).header
+
+
+def _first_trace_parent(run_id: str, key: str, incoming: str | None) -> str:
+    """A run's first message keeps the caller's traceparent (its span is the first step's
+    parent); without one, it names the first step's own span: a root (see tracing)."""
+    parent = parse_traceparent(incoming)
+    return parent.header if parent is not None else trace_parent_for(run_id, key)
 
 
 def root_run_id(msg: StepMessage) -> str:
@@ -354,7 +365,8 @@ class Engine:
         key = idempotency_key(done.run_id, target, len(done.path), frames)
         return done.model_copy(update={
             "step": target, "attempt": 1, "idempotency_key": key, "frames": frames,
-            "trace_parent": trace_parent_for(done.run_id, key, done.trace_parent)})
+            "trace_parent": trace_parent_for(done.run_id, done.idempotency_key,
+                                             done.trace_parent, done.attempt)})
 
     async def _arrive(self, done: StepMessage, join: str) -> list[Emitted]:
         frame = done.frames[-1]
@@ -402,7 +414,8 @@ class Engine:
         return StepMessage(
             run_id=run_id, workflow=child.name, workflow_version=child.version,
             step=child.first_step, tenant=done.tenant,
-            trace_parent=trace_parent_for(run_id, key, done.trace_parent), idempotency_key=key,
+            trace_parent=trace_parent_for(run_id, done.idempotency_key, done.trace_parent,
+                                          done.attempt), idempotency_key=key,
             input=call.input, context={}, event_id=done.event_id, source=done.source,
             event_type=done.event_type, started_at=self.clock(), deadline=done.deadline,
             parent=ParentCall(envelope=envelope, envelope_schema=schema_id, step=step))

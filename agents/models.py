@@ -24,6 +24,7 @@ import openai
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agentfabric import tracing
 from agentfabric.errors import ConfigError, PermanentError, TransientError
 from schemas.models import Usage
 
@@ -188,26 +189,38 @@ class ModelClient:
         if spec.max_retries is not None:
             options["max_retries"] = spec.max_retries
         retries = self.max_retries if spec.max_retries is None else spec.max_retries
-        try:
-            # the client's documented generic POST: its retries, timeouts and error types,
-            # without building the SDK's typed request and response models per call (they
-            # were a sixth of a worker's CPU in the llm benchmark; we read four fields)
-            raw = await client.post("/chat/completions", cast_to=bytes, body=body,
-                                    options=cast(Any, options))
-        except openai.OpenAIError as exc:
-            if not transient(exc):
-                raise PermanentError(f"model '{model}' rejected the request "
-                                     f"({_describe(exc)}); fix the step or the model "
-                                     f"registry, then replay") from exc
-            raise TransientError(
-                f"model '{model}' failed {retries + 1} times ({_describe(exc)}); the "
-                f"step will be retried later") from exc
-        try:
-            completion = json.loads(raw)
-        except ValueError as exc:
-            raise TransientError(f"model '{model}' answered with a body that is not JSON; "
-                                 f"the step will be retried later") from exc
-        return _result(spec, completion)
+        # the span says which model and how many tokens, never the prompt or the answer
+        with tracing.span(f"chat {spec.model}", {
+                "gen_ai.operation.name": "chat", "gen_ai.system": spec.provider,
+                "gen_ai.request.model": spec.model}, kind="client", model=model,
+                tools_offered=len(tools or ())) as span:
+            try:
+                # the client's documented generic POST: its retries, timeouts and error
+                # types, without building the SDK's typed request and response models per
+                # call (they were a sixth of a worker's CPU in the llm benchmark; we read
+                # four fields)
+                raw = await client.post("/chat/completions", cast_to=bytes, body=body,
+                                        options=cast(Any, options))
+            except openai.OpenAIError as exc:
+                if not transient(exc):
+                    raise PermanentError(f"model '{model}' rejected the request "
+                                         f"({_describe(exc)}); fix the step or the model "
+                                         f"registry, then replay") from exc
+                raise TransientError(
+                    f"model '{model}' failed {retries + 1} times ({_describe(exc)}); the "
+                    f"step will be retried later") from exc
+            try:
+                completion = json.loads(raw)
+            except ValueError as exc:
+                raise TransientError(f"model '{model}' answered with a body that is not "
+                                     f"JSON; the step will be retried later") from exc
+            result = _result(spec, completion)
+            span.set({"gen_ai.usage.input_tokens": result.usage.input_tokens,
+                      "gen_ai.usage.output_tokens": result.usage.output_tokens},
+                     cost_usd=result.usage.cost_usd,
+                     tool_calls_requested=len(result.tool_calls))
+            span.outcome("tool_calls" if result.tool_calls else "ok")
+        return result
 
 
 def _describe(exc: openai.OpenAIError) -> str:

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from agentfabric import tracing
 from agentfabric.settings import Settings
 from agentfabric.tenancy import TenantSigner
 from agentfabric.worker import connect_redis
@@ -101,13 +102,21 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        traced = tracing.start(settings)  # a ConfigError without the otel extra
         producer = Producer(settings, client_id="agentfabric-ingress",
                             request_timeout_ms=int(settings.ingress_send_timeout_s * 1000))
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            if traced:
+                await tracing.stop()
+            raise
         try:
             redis = await connect_redis(settings)
         except BaseException:
             await producer.stop()
+            if traced:
+                await tracing.stop()
             raise
         ctx = IngressContext(settings=settings, producer=producer, redis=redis,
                              workflows=workflows, names=TopicNames(settings.topic_prefix))
@@ -127,6 +136,8 @@ def create_app(settings: Settings) -> Starlette:
                          FOLLOWER_STOP_S)
             await producer.stop()
             await redis.aclose()
+            if traced:  # flushes the spans not yet exported
+                await tracing.stop()
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),

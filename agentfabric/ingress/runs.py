@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from agentfabric import tracing
 from agentfabric.errors import PermanentError, UnavailableError, UnknownWorkflowError
 from agents.engine import first_message
 from schemas.models import NAME_PATTERN, StepMessage, TriggerEvent, canonical_json, utc_now
@@ -192,7 +193,21 @@ async def start_run(request: Request) -> Response:
     event = TriggerEvent(event_id=body.idempotency_key or f"api:{uuid.uuid4()}",
                          source=API_SOURCE, event_type=f"run.{wf.name}", tenant=key.tenant,
                          workflow=wf.name, payload=body.input)
-    msg = first_message(wf, event, utc_now(), request.headers.get("traceparent"))
+    with tracing.entry_span("POST /runs", request.headers.get("traceparent"),
+                            {"http.request.method": "POST", "http.route": "/runs"},
+                            workflow=wf.name, tenant=key.tenant) as span:
+        msg = first_message(wf, event, utc_now(), span.traceparent)
+        span.set(run_id=msg.run_id)
+        answer = await _send_run(ctx, body, wf, msg, key)
+        span.set({"http.response.status_code": answer.status_code})
+        span.outcome(str(answer.status_code), error=None if answer.status_code < 500
+                     else f"HTTP {answer.status_code}")
+    return answer
+
+
+async def _send_run(ctx: IngressContext, body: RunRequest, wf: Workflow, msg: StepMessage,
+                    key: ApiKey) -> Response:
+    """Publish the run's first message (once per idempotency key) and answer."""
     fingerprint = hashlib.sha256(canonical_json(
         {"workflow": wf.name, "input": body.input}).encode()).hexdigest()
     prefix, ttl = ctx.settings.topic_prefix, ctx.settings.idempotency_ttl_s

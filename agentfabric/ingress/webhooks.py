@@ -27,10 +27,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from agentfabric import tracing
 from agentfabric.errors import PermanentError, UnavailableError, UnroutableEventError
 from agentfabric.tenancy import TenantSigner
 from agents.engine import run_id_for
 from schemas.models import TriggerEvent
+from streams.codec import TRACE_HEADER
 from streams.kafka import Outgoing
 
 from .context import IngressContext
@@ -97,7 +99,14 @@ async def receive(request: Request) -> Response:
                source.secret, header=source.config.signature_header,
                tolerance_s=source.config.tolerance_s)
         events = source.events(body, headers)
-        answer = await _deliver(ctx, request.app.state.signer, source, events)
+        with tracing.entry_span(f"webhook {source.name}", headers.get("traceparent"),
+                                {"http.request.method": "POST",
+                                 "http.route": "/webhooks/{source}"},
+                                source=source.name, tenant=source.tenant,
+                                events=len(events)) as span:
+            answer = await _deliver(ctx, request.app.state.signer, source, events,
+                                    span.traceparent)
+            span.set(runs=len(answer["run_ids"]))
     except ClientDisconnect:
         return Response(status_code=400)
     except SignatureError as exc:
@@ -114,7 +123,8 @@ async def receive(request: Request) -> Response:
 
 
 async def _deliver(ctx: IngressContext, signer: TenantSigner, source: WebhookSource,
-                   events: list[TriggerEvent]) -> dict[str, Any]:
+                   events: list[TriggerEvent], traceparent: str | None = None,
+                   ) -> dict[str, Any]:
     unique: dict[str, TriggerEvent] = {}
     for event in events:  # the same event twice in one delivery is one event
         unique.setdefault(event.event_id, event)
@@ -140,7 +150,7 @@ async def _deliver(ctx: IngressContext, signer: TenantSigner, source: WebhookSou
                 fresh.append((key, event, runs))
         rows.append(row)
     if fresh:
-        await _publish(ctx, signer, source, [event for _, event, _ in fresh])
+        await _publish(ctx, signer, source, [event for _, event, _ in fresh], traceparent)
         ttl, prefix = ctx.settings.idempotency_ttl_s, ctx.settings.topic_prefix
         try:
             async with ctx.redis.pipeline(transaction=False) as pipe:
@@ -160,11 +170,13 @@ async def _deliver(ctx: IngressContext, signer: TenantSigner, source: WebhookSou
 
 
 async def _publish(ctx: IngressContext, signer: TenantSigner, source: WebhookSource,
-                   events: list[TriggerEvent]) -> None:
+                   events: list[TriggerEvent], traceparent: str | None = None) -> None:
     # marked as published for the authenticated tenant (agentfabric.tenancy): the router
-    # trusts the signed af-tenant header, not the body
+    # trusts the signed af-tenant header, not the body; the trace goes on with the events
+    trace = [(TRACE_HEADER, traceparent.encode())] if traceparent else []
     messages = [Outgoing.of(source.topic, e.event_id, e,
-                            await signer.headers(source.tenant, e.event_id)) for e in events]
+                            [*await signer.headers(source.tenant, e.event_id), *trace])
+                for e in events]
     timeout = ctx.settings.ingress_send_timeout_s
     try:
         await asyncio.wait_for(ctx.producer.send_all(messages), timeout)

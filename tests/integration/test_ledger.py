@@ -201,8 +201,10 @@ async def test_failed_attempts_are_in_the_timeline(settings: Settings, tmp_path:
     assert [(e.step, e.attempt, e.outcome) for e in events] == [
         ("ask", 1, "retry"), ("ask", 2, "next"), ("divide", 1, "dead_letter")]
     retry, _, dead = events
-    assert retry.error is not None and "503" in retry.error
-    assert dead.error is not None and dead.error.startswith("ExpressionEvalError")
+    assert retry.error is not None
+    assert "503" in retry.error
+    assert dead.error is not None
+    assert dead.error.startswith("ExpressionEvalError")
     assert all(e.run_id == run_id for e in events)
 
     env = {**settings_env(flaky), "AGENTFABRIC_WORKFLOWS_DIR": str(workflows),

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from agentfabric import tracing
 from agentfabric.errors import ConfigError, ToolError, TransientError
 from tools.registry import ToolCall
 
@@ -132,6 +133,9 @@ class HttpTools:
                    "Accept": "application/json"}
         if call.run_id:
             headers["X-Run-Id"] = call.run_id
+        traceparent = tracing.current_traceparent()  # None unless spans are exported
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
         params: dict[str, str] | None = None
         body: dict[str, Any] | None = None
         if binding.method in _QUERY_METHODS:

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agentfabric import tracing
 from agentfabric.errors import (
     AgentFabricError,
     ApprovalRequired,
@@ -199,18 +200,25 @@ class Gateway:
         started = time.monotonic()
         outcome: Outcome = "error"
         reason = "cancelled"
-        try:
-            result = await call_next(st)
-        except Exception as exc:
-            outcome, reason = _outcome(exc, st)
-            raise
-        else:
-            outcome, reason = ("fallback", st.degraded) if st.degraded else ("ok", "")
-            return result
-        finally:
-            self._emit(st.spec.name, st.call, st.arguments, outcome, reason,
-                       time.monotonic() - started, spec=st.spec, claims=st.claims,
-                       attempts=st.attempts)
+        # the call's span: tool, outcome, attempts; never the arguments or the result
+        with tracing.span(f"tool {st.spec.name}", kind="client", tool=st.spec.name,
+                          access=st.spec.access, run_id=st.call.run_id or None) as span:
+            try:
+                result = await call_next(st)
+            except Exception as exc:
+                outcome, reason = _outcome(exc, st)
+                span.outcome(outcome, error=None if outcome == "approval_required"
+                             else sanitize_error(reason))
+                raise
+            else:
+                outcome, reason = ("fallback", st.degraded) if st.degraded else ("ok", "")
+                span.outcome(outcome)
+                return result
+            finally:
+                span.set(attempts=st.attempts)
+                self._emit(st.spec.name, st.call, st.arguments, outcome, reason,
+                           time.monotonic() - started, spec=st.spec, claims=st.claims,
+                           attempts=st.attempts)
 
     def _emit(self, name: str, call: ToolCall, arguments: Any, outcome: Outcome, reason: str,
               seconds: float, *, spec: ToolSpec | None = None, claims: Claims | None = None,

@@ -3,13 +3,17 @@ ports and stopped by pid; per-test settings with their own topic prefix."""
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from agentfabric.logs import configure_logging
 from agentfabric.settings import Settings
 from agents.loader import sample_workflows_dir
 from streams.embedded import EmbeddedStack, StackInfo, free_port, pid_alive
@@ -87,3 +91,21 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServic
     ``{"crm": url, "erp": url}``; each is stopped by its pid at the end (and checked gone)."""
     with running_services(tmp_path_factory.mktemp("services")) as running:
         yield running
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """JSON logs (DEBUG and up) into a string; the root logger and structlog restored
+    afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    handler = configure_logging("DEBUG", "json", stream=stream)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        for old in handlers:
+            root.addHandler(old)
+        root.setLevel(level)
+        structlog.reset_defaults()

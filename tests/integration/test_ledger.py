@@ -20,33 +20,15 @@ from agents.model_server import ModelServerHandle
 from schemas.models import RunEvent, TriggerEvent
 from streams.reader import read_until
 from streams.topics import TopicNames
-from tests.modelfixture import models_file, scripted_server
+from tests.modelfixture import FIT_RULE, fit_check, models_file, scripted_server, workflow_folder
 
 from .helpers import collect_results, running_worker
 from .test_cli import cli, settings_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-SCRIPT = {"rules": [
-    {"match": {"workflow": "fit_check"},
-     "turns": [{"tool_calls": [{"name": "crm.get_account",
-                                "arguments": {"domain": "{{ user_json.domain }}"}}]},
-               {"content": {"fit": "{{ 'high' if tool_results[-1].employees >= 1000 "
-                                   "else 'low' }}",
-                            "account": "{{ tool_results[-1].name }}"}}]},
-]}
-WORKFLOW = {
-    "name": "fit_check", "version": 1,
-    "trigger": {"source": "crm", "event_types": ["lead.created"]},
-    "steps": [
-        {"id": "fit", "kind": "llm", "model": "local", "prompt_file": "fit.md",
-         "tools": ["crm.get_account"], "max_iterations": 3,
-         "output_schema": {"type": "object", "required": ["fit", "account"]}},
-        {"id": "label", "kind": "transform",
-         "output": "{{ steps.fit.account + ': ' + steps.fit.fit }}"},
-        {"id": "shout", "kind": "transform", "output": "{{ steps.label + '!' }}"},
-    ],
-}
+SCRIPT = {"rules": [FIT_RULE]}
+WORKFLOW = fit_check({"id": "shout", "kind": "transform", "output": "{{ steps.label + '!' }}"})
 DOMAINS = ("contoso.com", "litware.com")
 
 
@@ -59,13 +41,8 @@ async def model_server() -> AsyncIterator[ModelServerHandle]:
 @pytest.fixture
 def llm_settings(settings: Settings, model_server: ModelServerHandle,
                  tmp_path: Path) -> Settings:
-    workflows = tmp_path / "workflows"
-    workflows.mkdir()
-    (workflows / "fit.md").write_text('{"domain": "{{ input.domain }}"}')
-    (workflows / "fit_check.yaml").write_text(yaml.safe_dump(WORKFLOW))
-    models = models_file(tmp_path, model_server.url, input_usd_per_mtok=1.0,
-                         output_usd_per_mtok=2.0)
-    return settings.model_copy(update={"workflows_dir": workflows, "models_file": models})
+    return settings.model_copy(update=workflow_folder(
+        tmp_path, WORKFLOW, model_server.url, input_usd_per_mtok=1.0, output_usd_per_mtok=2.0))
 
 
 def event(domain: str) -> TriggerEvent:

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 from aiokafka import AIOKafkaProducer
 
-from agentfabric.logs import configure_logging
 from agentfabric.settings import Settings
 from agentfabric.tenancy import TenantPolicy
 from streams.topics import TopicNames
@@ -25,21 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    handler = configure_logging("DEBUG", "json", stream=stream)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        for old in handlers:
-            root.addHandler(old)
-        root.setLevel(level)
-        structlog.reset_defaults()
 
 
 async def test_the_trace_id_sent_in_is_on_every_step_line_and_on_the_result(

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-import yaml
 
 from agentfabric import tracing
 from agentfabric.client import Client
-from agentfabric.logs import configure_logging
 from agentfabric.settings import Settings
 from agents.model_server import ModelServerHandle
 from schemas.models import TriggerEvent
-from tests.modelfixture import models_file, scripted_server
+from tests.modelfixture import FIT_RULE, fit_check, scripted_server, workflow_folder
 from tests.otlpreceiver import OtlpReceiver, ReceivedSpan, otlp_receiver
 
 from .helpers import collect_results, running_worker
@@ -33,22 +29,8 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 
-SCRIPT = {"rules": [{"match": {"workflow": "fit_check"}, "turns": [
-    {"tool_calls": [{"name": "crm.get_account",
-                     "arguments": {"domain": "{{ user_json.domain }}"}}]},
-    {"content": {"fit": "{{ 'high' if tool_results[-1].employees >= 1000 else 'low' }}",
-                 "account": "{{ tool_results[-1].name }}"}}]}]}
-WORKFLOW = {
-    "name": "fit_check", "version": 1,
-    "trigger": {"source": "crm", "event_types": ["lead.created"]},
-    "steps": [
-        {"id": "fit", "kind": "llm", "model": "local", "prompt_file": "fit.md",
-         "tools": ["crm.get_account"], "max_iterations": 3,
-         "output_schema": {"type": "object", "required": ["fit", "account"]}},
-        {"id": "label", "kind": "transform",
-         "output": "{{ steps.fit.account + ': ' + steps.fit.fit }}"},
-    ],
-}
+SCRIPT = {"rules": [FIT_RULE]}
+WORKFLOW = fit_check()
 
 
 @pytest.fixture
@@ -66,29 +48,10 @@ def receiver() -> Iterator[OtlpReceiver]:
 @pytest.fixture
 def traced(settings: Settings, model_server: ModelServerHandle, receiver: OtlpReceiver,
            tmp_path: Path) -> Settings:
-    workflows = tmp_path / "workflows"
-    workflows.mkdir()
-    (workflows / "fit.md").write_text('{"domain": "{{ input.domain }}"}')
-    (workflows / "fit_check.yaml").write_text(yaml.safe_dump(WORKFLOW))
     return settings.model_copy(update={
-        "workflows_dir": workflows, "models_file": models_file(tmp_path, model_server.url),
+        **workflow_folder(tmp_path, WORKFLOW, model_server.url),
         "otlp_endpoint": receiver.url, "service_name": "af-traces-test"})
 
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    handler = configure_logging("DEBUG", "json", stream=stream)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        for old in handlers:
-            root.addHandler(old)
-        root.setLevel(level)
-        structlog.reset_defaults()
 
 
 def one(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -102,22 +101,6 @@ def test_the_gateway_uses_the_same_redaction() -> None:
 
 
 # --- logs ---------------------------------------------------------------------------------
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """JSON logs into a string; the root logger and structlog restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    handler = configure_logging("DEBUG", "json", stream=stream)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        for old in handlers:
-            root.addHandler(old)
-        root.setLevel(level)
-        structlog.reset_defaults()
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:

@@ -40,6 +40,7 @@ from streams.topics import TopicNames
 
 from . import tracing
 from .approvals import APPROVAL_HEADER, ApprovalStore
+from .consumers import SideConsumer
 from .errors import TransientError
 from .ledger import failed_event, step_event
 from .settings import Settings
@@ -248,9 +249,7 @@ class RetryExecutor:
         return None  # putting a run back on its topic has nothing to wait out
 
 
-# the approvals and decisions topics carry what people do: polling them as often as a
-# step's topic would only load the broker (the embedded one does not wake a waiting fetch)
-PEOPLE_WAIT_MS = 200
+PEOPLE_WAIT_MS = 200  # the approvals and decisions topics carry what people do
 
 
 def _lineage(job: Job) -> tuple[tuple[str, bytes], ...]:
@@ -260,19 +259,14 @@ def _lineage(job: Job) -> tuple[tuple[str, bytes], ...]:
             *(((APPROVAL_HEADER, job.approval_of.encode()),) if job.approval_of else ()))
 
 
-class ApprovalRegistrar:
+class ApprovalRegistrar(SideConsumer):
     """Reads the approvals topic: registers every hand-off in Redis (idempotently) so it
     can be listed, found by run id, and expired by the sweeper."""
 
     def __init__(self, names: TopicNames, settings: Settings, store: ApprovalStore) -> None:
+        super().__init__(settings, name="approvals", group=names.approvals_group,
+                         topic=names.approvals, wait_ms=PEOPLE_WAIT_MS)
         self.store = store
-        self.name = "approvals"
-        self.group = names.approvals_group
-        self.topics = [names.approvals]
-        self.max_in_flight = settings.max_in_flight
-        self.dlq_topic = names.dlq
-        self.timeout_s = settings.step_timeout_s
-        self.fetch_max_wait_ms = max(settings.fetch_max_wait_ms, PEOPLE_WAIT_MS)
 
     def decode(self, record: ConsumerRecord) -> Job:
         hand_off = decode(record.value, record.headers, HandOff)
@@ -283,24 +277,16 @@ class ApprovalRegistrar:
         await self.store.register(job.message)
         return []
 
-    def retry(self, job: Job, error: TransientError) -> Emit | None:
-        return None  # registering is idempotent writes: an UnavailableError retries in place
 
-
-class DecisionExecutor:
+class DecisionExecutor(SideConsumer):
     """Reads the decisions topic: resumes each decided run once (approved: on, or its step
     again for a tool call; rejected or expired: on_reject, or the run's result)."""
 
     def __init__(self, engine: Engine, names: TopicNames, settings: Settings) -> None:
+        super().__init__(settings, name="decisions", group=names.decisions_group,
+                         topic=names.decisions, wait_ms=PEOPLE_WAIT_MS)
         self.engine = engine
         self.names = names
-        self.name = "decisions"
-        self.group = names.decisions_group
-        self.topics = [names.decisions]
-        self.max_in_flight = settings.max_in_flight
-        self.dlq_topic = names.dlq
-        self.timeout_s = settings.step_timeout_s
-        self.fetch_max_wait_ms = max(settings.fetch_max_wait_ms, PEOPLE_WAIT_MS)
 
     def decode(self, record: ConsumerRecord) -> Job:
         decision = decode(record.value, record.headers, ApprovalDecision)
@@ -324,9 +310,6 @@ class DecisionExecutor:
         if decision.approved and hand_off.kind == "tool_approval":
             again = ((APPROVAL_HEADER, decision.hand_off_id.encode()),)
         return [_route(self.names, after, again) for after in resumed]
-
-    def retry(self, job: Job, error: TransientError) -> Emit | None:
-        return None  # resuming is a function of the decision: nothing to wait out
 
 
 def approval_executors(engine: Engine, settings: Settings,

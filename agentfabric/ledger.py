@@ -38,7 +38,8 @@ from streams.batching import PipelinedRedis, redis_unavailable
 from streams.executor import Emit, Job
 from streams.topics import TopicNames
 
-from .errors import ConfigError, TransientError, UnavailableError
+from .consumers import SideConsumer
+from .errors import ConfigError, UnavailableError
 from .redaction import redact
 from .settings import Settings
 
@@ -294,19 +295,15 @@ def _summary(run_id: str, data: Mapping[Any, Any]) -> RunSummary:
                       totals=_usage({m: float(text.get(m, 0)) for m in METRICS}))
 
 
-class LedgerExecutor:
-    """Reads the run-events topic and folds each event into the ledger; emits nothing."""
+class LedgerExecutor(SideConsumer):
+    """Reads the run-events topic and folds each event into the ledger (idempotently);
+    emits nothing."""
 
     def __init__(self, settings: Settings, ledger: RunLedger) -> None:
         names = TopicNames(settings.topic_prefix)
+        super().__init__(settings, name="ledger", group=names.ledger_group,
+                         topic=names.run_events, wait_ms=LEDGER_WAIT_MS)
         self.ledger = ledger
-        self.name = "ledger"
-        self.group = names.ledger_group
-        self.topics = [names.run_events]
-        self.max_in_flight = settings.max_in_flight
-        self.dlq_topic = names.dlq
-        self.timeout_s = settings.step_timeout_s
-        self.fetch_max_wait_ms = max(settings.fetch_max_wait_ms, LEDGER_WAIT_MS)
 
     def decode(self, record: ConsumerRecord) -> Job:
         return Job(message=decode(record.value, record.headers, RunEvent), dedupe_key=None,
@@ -316,9 +313,6 @@ class LedgerExecutor:
         assert isinstance(job.message, RunEvent)
         await self.ledger.fold(job.message)
         return []
-
-    def retry(self, job: Job, error: TransientError) -> Emit | None:
-        return None  # folding is idempotent writes: an UnavailableError retries in place
 
 
 def event_json(event: RunEvent) -> dict[str, Any]:

@@ -146,6 +146,28 @@ async def raw_throughput(bench: Bench, messages: int, cap_s: float) -> Throughpu
                       dups, stopped=f"exit code {relay.exit_code}")
 
 
+async def floor_throughput(bench: Bench, prefix: str, runs: int, cap_s: float) -> Throughput:
+    """(b0) The no-op one-step workflow's two hops with only Avro and the engine
+    (``bench.floor``, its own process), on the (b) topics' layout; runs/s."""
+    fab = Fabric(bench, prefix, NOOP1, partitions=1)
+    await fab.prepare()
+    preload_s = await preload(bench.bootstrap, fab.trigger_topic, runs,
+                              lambda i: trigger(f"{prefix}-{i}", i))
+    child = bench.children.spawn("floor", [
+        sys.executable, "-m", "bench.floor", bench.bootstrap, fab.trigger_topic,
+        fab.step_topic(NOOP1.steps[0]), fab.results_topic, f"{prefix}-floor",
+        "--fetch-max-wait-ms", str(bench.fetch_max_wait_ms),
+        "--max-poll-records", str(bench.max_poll_records)], env=fab.env)
+    try:
+        capped, startup = await _drain(bench, fab.results_topic, runs, cap_s,
+                                       lambda: child.popen.poll() is None)
+    finally:
+        await bench.children.astop(child)
+    rate, distinct, span, dups = _rate(await read_all(bench.bootstrap, fab.results_topic))
+    return Throughput("floor", rate, distinct, runs, capped, span, preload_s, startup, dups,
+                      stopped=f"exit code {child.exit_code}")
+
+
 async def fabric_throughput(bench: Bench, prefix: str, workflow: Workflow, runs: int,
                             cap_s: float, partitions: int) -> Throughput:
     """(b), (c) Preload ``runs`` trigger events, then start the worker; runs/s."""

@@ -45,6 +45,7 @@ class Report:
     model_latency_ms: int
     concurrency: int
     raw: Throughput | None = None
+    floor: Throughput | None = None
     noop1: Throughput | None = None
     noop3: Throughput | None = None
     raw_latency: Latency | None = None
@@ -125,6 +126,12 @@ def rows(r: Report) -> list[tuple[str, str, str, str]]:
     if r.raw:
         out.append(("a", "raw aiokafka consume→produce hop", f"{r.raw.rate:,.0f} msg/s",
                     _capped(r.raw, "messages") + ", 1 partition"))
+    if r.floor:
+        floor_ratio = (f"b0/a = {r.floor.rate / r.raw.rate:.3f}; " if r.raw and r.raw.rate
+                       else "")
+        out.append(("b0", "floor of (b): its two hops with only Avro and the engine",
+                    f"{r.floor.rate:,.1f} runs/s",
+                    floor_ratio + _capped(r.floor, "runs") + ", 1 partition"))
     if r.noop1:
         ratio = r.b_over_a
         out.append(("b", "no-op one-step workflow", f"{r.noop1.rate:,.1f} runs/s",
@@ -254,6 +261,14 @@ read back after each case, so no measuring consumer competes for the two cores w
   counted (the table shows how long it took to the first result). If a case reaches its time
   cap (60 s after the first result in a full run) first, the rate is over the runs finished by
   then, and the table says so. b/a divides (b) by (a).
+- **(b0) floor of (b).** The same workflow, topics and preloaded events as (b), run by
+  `bench.floor` instead of a worker: in its own process, like the raw relay, its two hops
+  (trigger -> step topic, step topic -> results) decode the Avro message, call the workflow
+  engine (`Engine.start`, `Engine.run_step`), encode what it returns and produce it, batch by
+  batch, committing after the acknowledgements. Nothing else: no emission store or leases in
+  Redis, no run-ledger events, no claim checks, metrics, log context, timeouts or in-flight
+  window. It is the most (b) could reach on this machine with Avro envelopes and this
+  engine, measured like (b).
 - **(d) latency added per hop.** Messages are sent on an absolute schedule at 200 messages/s
   (no drift, no waiting for acknowledgements) through the raw relay (one hop: input topic ->
   relay -> output topic) and, separately, through a worker running the no-op one-step workflow
@@ -352,10 +367,12 @@ def write_chart(r: Report, path: Path) -> None:
 
     ax = axes[0][0]
     bars = [(label, t.rate) for label, t in
-            (("(a) raw hop, msg/s", r.raw), ("(b) no-op 1 step, runs/s", r.noop1),
-             ("(c) no-op 3 steps, runs/s", r.noop3)) if t is not None]
+            (("(a) raw hop, msg/s", r.raw), ("(b0) floor of (b), runs/s", r.floor),
+             ("(b) no-op 1 step, runs/s", r.noop1), ("(c) no-op 3 steps, runs/s", r.noop3))
+            if t is not None]
     if bars:
-        ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["grey", "C0", "C0"][:len(bars)])
+        ax.barh([b[0] for b in bars], [b[1] for b in bars],
+                color=["grey", "silver", "C0", "C0"][:len(bars)])
         ax.set_xscale("log")
         for i, (_, value) in enumerate(bars):
             ax.text(value, i, f" {value:,.0f}", va="center")

@@ -39,7 +39,7 @@ from streams.embedded import EmbeddedStack, free_port
 __all__ = ["main"]
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = "a,b,c,d,e0,e,f"
+CASES = "a,b0,b,c,d,e0,e,f"
 
 
 def _sizes(args: argparse.Namespace) -> None:
@@ -120,6 +120,10 @@ async def run_cases(args: argparse.Namespace, bench: Bench, rep: Report) -> None
         _say(f"(a) raw aiokafka relay: {args.raw_messages:,} messages")
         rep.raw = await cases.raw_throughput(bench, args.raw_messages, args.cap_seconds)
         _say(f"    {rep.raw.rate:,.0f} msg/s")
+    if "b0" in chosen:
+        _say(f"(b0) floor of (b), Avro and the engine only: {args.runs:,} runs")
+        rep.floor = await cases.floor_throughput(bench, "bfl", args.runs, args.cap_seconds)
+        _say(f"    {rep.floor.rate:,.1f} runs/s")
     if "b" in chosen:
         _say(f"(b) no-op one-step workflow: {args.runs:,} runs")
         rep.noop1 = await cases.fabric_throughput(bench, "bb", NOOP1, args.runs,
@@ -185,14 +189,14 @@ def _notes(rep: Report) -> None:
         rep.notes.append(f"the machine was busy: load average {max(rep.load):.1f} on {cores} "
                          f"cores during the run, so figures are lower and noisier than on a "
                          f"quiet machine; rerun when it is idle to compare with another run")
-    for t in (rep.noop1, rep.noop3, rep.llm.throughput if rep.llm else None):
+    for t in (rep.floor, rep.noop1, rep.noop3, rep.llm.throughput if rep.llm else None):
         if t is not None and t.stopped != "exit code 0":
             rep.notes.append(f"the {t.label} worker, on SIGTERM: {t.stopped}")
     if rep.fabric_latency_stop and rep.fabric_latency_stop != "exit code 0":
         rep.notes.append(f"the (d) worker, on SIGTERM: {rep.fabric_latency_stop}")
     if rep.memory and rep.memory.stopped != "exit code 0":
         rep.notes.append(f"the (f) worker, on SIGTERM: {rep.memory.stopped}")
-    for t in (rep.noop1, rep.noop3, rep.llm.throughput if rep.llm else None):
+    for t in (rep.floor, rep.noop1, rep.noop3, rep.llm.throughput if rep.llm else None):
         if t is not None and t.capped:
             rep.notes.append(f"{t.label}: the {t.target:,} runs did not all finish within the "
                              f"time cap; the rate is over the {t.measured:,} that did")

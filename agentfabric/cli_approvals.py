@@ -11,7 +11,7 @@ import typer
 
 from .cli_common import out, run
 from .cli_common import settings as settings_
-from .redaction import terminal_text
+from .redaction import redact_value, terminal_text
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -113,7 +113,7 @@ def approvals_list(
                     now=now)
     if as_json:
         for request in chosen:
-            print(json.dumps(_json_row(request, now)))
+            print(json.dumps(redact_value(_json_row(request, now))))
         return
     out.print(_table(chosen, now, show_state=show_all))
 

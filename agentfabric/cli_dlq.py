@@ -10,7 +10,7 @@ import typer
 from .cli_common import out, run
 from .cli_common import settings as settings_
 from .errors import ConfigError, PermanentError
-from .redaction import terminal_text
+from .redaction import redact_value, terminal_text
 
 if TYPE_CHECKING:
     from schemas.models import DeadLetter
@@ -48,7 +48,7 @@ def _json_row(letter: DeadLetter, marks: Marks, replayed_as: str | None) -> str:
     when = marks.replayed.get(letter.dead_letter_id)
     row["replayed_at"] = when.isoformat() if when is not None else None
     row["replayed_as"] = replayed_as
-    return json.dumps(row)
+    return json.dumps(redact_value(row))  # payload-derived text, as the table shows it
 
 
 @dlq_app.command("list")

@@ -245,3 +245,16 @@ def test_dead_letter_tables_redact_escape_and_clean(text: str, secret: str, kept
         assert "[bold]boss" in shown
         assert "\x1b" not in shown
         assert "\u202e" not in shown
+
+
+@pytest.mark.parametrize(("text", "secret", "kept"), LEAKS)
+def test_dead_letter_json_lines_are_redacted(text: str, secret: str, kept: str) -> None:
+    from agentfabric.cli_dlq import _json_row
+    from agentfabric.dlq_ops import Marks
+
+    letter = DeadLetter(dead_letter_id="d" * 36, reason=f"failed: {text}",
+                        error_type="ToolError", topic="af.t", partition=0, offset=1,
+                        consumer_group="g", value=b"{}")
+    row = json.loads(_json_row(letter, Marks(frozenset(), {}), None))
+    assert secret not in json.dumps(row)
+    assert row["dead_letter_id"] == "d" * 36

@@ -253,9 +253,13 @@ def demo(keep: Annotated[bool, typer.Option(help="Leave the stack running afterw
 def showsettings_() -> None:
     """Print every setting with its current value and its environment variable."""
     s = settings_()
+    shown = s.model_dump(mode="json")  # secrets come out masked
     for name, field in Settings.model_fields.items():
-        value = s.secret_free_redis_url if name == "redis_url" else getattr(s, name)
-        print(f"AGENTFABRIC_{name.upper()}={json.dumps(str(value))[1:-1]}"
+        value = s.secret_free_redis_url if name == "redis_url" else shown[name]
+        # in the form the variable takes: JSON for lists and objects, empty when unset
+        text = (json.dumps(value) if isinstance(value, list | dict)
+                else json.dumps("" if value is None else str(value))[1:-1])
+        print(f"AGENTFABRIC_{name.upper()}={text}"
               f"    # {field.description or ''}".rstrip(" #"))
 
 

@@ -172,7 +172,8 @@ class BudgetedModels:
         result = await self.inner.chat(model, messages, tools=tools,
                                        response_format=response_format, headers=headers)
         self.used += result.usage
-        if self.tenant_budget is not None:
+        if self.tenant_budget is not None and not result.journaled:
+            # a call answered from the journal was counted when it was made
             spent = result.usage
             await self.budgets.store.add(msg.tenant, window, self.tenant_budget.period_s,
                                          spent.input_tokens + spent.output_tokens,

@@ -99,6 +99,7 @@ class ChatResult:
     tool_calls: list[RequestedToolCall]
     usage: Usage
     message: dict[str, Any] = field(default_factory=dict)  # the assistant turn to append
+    journaled: bool = False  # answered from the step's journal: made (and paid) before
 
 
 def transient(exc: openai.OpenAIError) -> bool:

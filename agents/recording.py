@@ -14,6 +14,7 @@ step's tool timeout: a tool step's call and the calls a model asks for alike.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -185,7 +186,7 @@ class InteractionLog:
                    headers: Mapping[str, str] | None = None) -> ChatResult:
         request = self._digest(model, messages, tools, response_format)
         if (entry := await self._resume("model", model, request)) is not None:
-            return _chat_result(entry)
+            return dataclasses.replace(_chat_result(entry), journaled=True)
         if self.models is None:
             raise PermanentError("this step calls a model, but no model client is configured")
         result = await self.models.chat(model, messages, tools=tools,

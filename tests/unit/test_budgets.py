@@ -191,3 +191,26 @@ def test_a_budget_needs_a_limit() -> None:
         parse_workflow(workflow("fit_check", {}), "fit_check.yaml")
     with pytest.raises(ValueError, match="max_tokens, max_cost_usd or both"):
         TenantBudget(period_s=60)
+
+
+async def test_a_call_answered_from_the_journal_is_not_counted_twice(
+        server: ModelServerHandle, engine_for: Any) -> None:
+    """A step run again (a crash after its model call) gets the call from its journal: the
+    tenant's spend counts the call once."""
+    from agents.journal import MemoryJournal
+
+    engine = engine_for(workflow("summarise", steps=("summary",)))
+    engine.journal = MemoryJournal()
+    store = MemorySpendStore()
+    engine.budgets = Budgets(tenants={"acme": TenantBudget(max_tokens=10_000, period_s=3600)},
+                             store=store, clock=Clock())
+    [first] = engine.start(event(1, "summarise"))
+    once = await engine.run_step(first)
+    again = await engine.run_step(first)  # the same message: redelivered after a crash
+    [result] = again.emitted
+    assert isinstance(result, RunResult)
+    assert result.status == "completed"
+    assert [r.usage for r in once.emitted] == [r.usage for r in again.emitted]
+    assert len(await requests(server)) == 1  # the model was asked once
+    tokens, _ = await store.spent("acme", int(Clock()() // 3600))
+    assert tokens == result.usage.input_tokens + result.usage.output_tokens

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -285,10 +285,10 @@ class Engine:
             return StepRun([self._tool_hand_off(msg, exc, approval_of)], None)
         except ToolCallLimitExceeded as exc:
             return StepRun(await self._stop(wf, step, msg, "tool_call_limit", exc.reason,
-                                            ctx.tool_calls), None)
+                                            ctx.tool_calls, calls.entries), None)
         except BudgetExceeded as exc:
             return StepRun(await self._stop(wf, step, msg, "budget_exceeded", exc.reason,
-                                            ctx.tool_calls), None)
+                                            ctx.tool_calls, calls.entries), None)
         if isinstance(calls, Replay):
             calls.finished()
         recording = None
@@ -311,9 +311,16 @@ class Engine:
         return self.tokens.mint(f"{msg.workflow}.{step.id}", msg.tenant, tools, ttl)
 
     async def _stop(self, wf: Workflow, step: StepSpec, msg: StepMessage, status: str,
-                    reason: str, tool_calls: int = 0) -> list[Emitted]:
-        """End the run at ``step`` with ``status``; its output says why."""
+                    reason: str, tool_calls: int = 0,
+                    calls: Sequence[Mapping[str, Any]] = ()) -> list[Emitted]:
+        """End the run at ``step`` with ``status``; its output says why. The model calls
+        the step made before it stopped (``calls``, its interaction entries) count in the
+        run's usage: they were made and paid for."""
         spent = Usage(steps=1, tool_calls=tool_calls)
+        for entry in calls:
+            if entry.get("kind") == "model" and isinstance(entry.get("usage"), Mapping):
+                spent += Usage.model_validate(entry["usage"]).model_copy(
+                    update={"steps": 0, "tool_calls": 0})
         step_usage = {**msg.step_usage, step.id: msg.step_usage.get(step.id, Usage()) + spent}
         done = msg.model_copy(update={
             "context": {**msg.context, step.id: {"status": status, "reason": reason}},

@@ -124,6 +124,12 @@ async def test_a_run_budget_stops_the_run_before_its_second_model_call(
            "'local' at step 'fit'" in result.output["reason"]
     assert result.path == ["fit"]
     assert result.usage.tool_calls == 1  # the tool the first answer asked for ran
+    # the first call was made and paid for: it counts in the run's usage, once
+    [made] = await requests(server)
+    assert result.usage.input_tokens == made["prompt_tokens"]
+    assert result.usage.output_tokens == made["completion_tokens"] > 0
+    assert result.usage.cost_usd > TINY
+    assert result.step_usage["fit"].output_tokens == made["completion_tokens"]
 
 
 async def test_a_budget_counts_earlier_steps(server: ModelServerHandle,

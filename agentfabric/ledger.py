@@ -204,7 +204,11 @@ class RunLedger:
         """Count ``event`` once; False if it was counted before (a redelivery)."""
         hour = _ms(event.finished_at) // HOUR_MS
         run = self._run_key(event.run_id)
-        keys = [f"{self.base}:seen:{event.run_id}:{event.idempotency_key}:{event.attempt}",
+        # a failed attempt has a key of its own: a replay of its dead letter runs the same
+        # step visit and attempt again, and that event must count too
+        failed = f":{event.outcome}" if event.outcome in FAILED else ""
+        keys = [f"{self.base}:seen:{event.run_id}:{event.idempotency_key}:{event.attempt}"
+                f"{failed}",
                 f"{run}:steps", run, f"{self.base}:runs", f"{self.base}:usage:{hour}",
                 f"{self.base}:hours"]
         args: list[Any] = [

@@ -135,6 +135,9 @@ class _State:
     log: list[dict[str, Any]] = field(default_factory=list)
     metrics: _Metrics = field(default_factory=lambda: _Metrics())
 
+    def observe(self, request: web.Request, status: int, seconds: float) -> None:
+        self.metrics.observe(request, status, seconds, set(self.script.model_names()))
+
     def rule_label(self, index: int) -> str:
         return self.script.rules[index].name or f"rules[{index}]"
 
@@ -161,11 +164,14 @@ class _Metrics:
                               "Tokens counted in requests (in) and answers (out)",
                               ["model", "direction"], registry=self.registry)
 
-    def observe(self, request: web.Request, status: int, seconds: float) -> None:
+    def observe(self, request: web.Request, status: int, seconds: float,
+                known: set[str]) -> None:
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         entry = request.get(_ENTRY)
         model = str(entry.get("model") or "-") if entry else "-"
+        if model != "-" and model not in known:  # the label values stay the script's
+            model = "other"
         self.requests.labels(endpoint, model, str(status)).inc()
         self.seconds.labels(endpoint).observe(seconds)
         if entry:
@@ -390,11 +396,16 @@ async def _observed(request: web.Request, handler: _Handler) -> web.StreamRespon
     """Count and time every API request (not the metrics or test endpoints)."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
-    started = time.perf_counter()
-    response = await handler(request)  # errors are answers already (_errors runs inside)
-    request.app[_STATE].metrics.observe(request, response.status,
-                                        time.perf_counter() - started)
-    return response
+    started, status = time.perf_counter(), 500
+    try:
+        response = await handler(request)  # API errors are answers already (_errors)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away (e.g. during a scripted latency)
+        raise
+    finally:
+        request.app[_STATE].observe(request, status, time.perf_counter() - started)
 
 
 @web.middleware

@@ -131,7 +131,8 @@ class PipelinedRedis:
                     self._sha[text] = sha
         return str(sha)
 
-    async def script(self, text: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def script(self, text: str, calls: list[tuple[list[str], list[Any]]],
+                     *, reloaded: bool = False) -> list[Any]:
         """Run the Lua script ``text`` once per (keys, args), sharing the round trip with
         whatever else is queued; scripts are loaded again if Redis restarted and forgot
         them."""
@@ -142,9 +143,12 @@ class PipelinedRedis:
                 pipe.evalsha(sha, len(keys), *keys, *args)
         try:
             return await self.execute(build)
-        except NoScriptError:
+        except NoScriptError as exc:
             self._sha.pop(text, None)
-            return await self.script(text, calls)
+            if reloaded:  # loaded a moment ago and forgotten again: something is off
+                raise redis_unavailable(exc, doing="running a script it had just loaded") \
+                    from exc
+            return await self.script(text, calls, reloaded=True)
 
     async def execute(self, build: Build) -> list[Any]:
         """Queue the commands ``build`` adds to a pipeline; their replies, in order."""

@@ -29,13 +29,16 @@ __all__ = ["Claim", "EmissionStore", "MemoryEmissionStore", "Recall", "RedisEmis
 
 Recall = tuple[list[Outgoing] | None, bool]
 _PENDING, _ACKED = b"P", b"A"
-_PENDING_AT = b"T"  # pending, with the wall-clock ms it was stored at (8 bytes)
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
+# after a pending entry's messages: when it was stored (wall-clock ms). Readers that know
+# only the messages stop before it, so workers of both versions read each other's entries.
+_STORED_AT = struct.Struct(">4sQ")
+_STORED_AT_MAGIC = b"afT1"
 
 
 def _pending(messages: list[Outgoing]) -> bytes:
-    return _PENDING_AT + _U64.pack(int(time.time() * 1000)) + _dump(messages)
+    return (_PENDING + _dump(messages)
+            + _STORED_AT.pack(_STORED_AT_MAGIC, int(time.time() * 1000)))
 
 
 _NONE = 0xFFFFFFFF  # the length that marks a missing key (or header value)
@@ -57,6 +60,11 @@ def _dump(messages: list[Outgoing]) -> bytes:
 
 
 def _load(data: bytes) -> list[Outgoing]:
+    return _load_at(data)[0]
+
+
+def _load_at(data: bytes) -> tuple[list[Outgoing], int]:
+    """The messages and the offset just past them."""
     view, at = memoryview(data), 0
 
     def take() -> bytes | None:
@@ -84,7 +92,7 @@ def _load(data: bytes) -> list[Outgoing]:
             headers.append(((name or b"").decode(), take()))
         out.append(Outgoing(topic=(topic or b"").decode(), key=key, value=value or b"",
                             headers=tuple(headers)))  # type: ignore[arg-type]
-    return out
+    return out, at
 
 
 @dataclass(frozen=True)
@@ -105,10 +113,12 @@ def _claim_of(entry: bytes | None) -> Claim | None:
         return None
     if entry[:1] == _ACKED:
         return Claim("acked")
-    if entry[:1] == _PENDING_AT:
-        (stored_ms,) = _U64.unpack_from(entry, 1)
-        return Claim("stored", _load(entry[9:]), stored_ms=int(stored_ms))
-    return Claim("stored", _load(entry[1:]))
+    outputs, end = _load_at(entry[1:])
+    stored_ms = None
+    if len(entry) - 1 - end == _STORED_AT.size:
+        magic, stored = _STORED_AT.unpack_from(entry, 1 + end)
+        stored_ms = int(stored) if magic == _STORED_AT_MAGIC else None
+    return Claim("stored", outputs, stored_ms=stored_ms)
 
 
 class EmissionStore(Protocol):

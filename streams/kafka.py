@@ -85,6 +85,13 @@ class Producer:
     async def stop(self) -> None:
         await self._producer.stop()
 
+    async def partitions_for(self, topic: str) -> set[int]:
+        """The partition ids of ``topic`` as this producer's partitioner sees them."""
+        try:
+            return set(await self._producer.partitions_for(topic))
+        except KafkaError as exc:
+            raise _translate(exc) from exc
+
     async def send_all(self, messages: Sequence[Outgoing]) -> None:
         """Produce every message and wait for every acknowledgement."""
         futures: list[asyncio.Future[Any]] = []

@@ -9,11 +9,13 @@ owner. Sending them again would put a second, byte-identical copy of a result on
 the broker: each output's partition (the producer's default partitioner on its key) is read
 from the moment the output was stored on, and only the outputs not found there are sent.
 
-This path runs only after a crash or a lost lease; the hot path never reads a topic. Scans
-are shared: a partition read for one record is remembered for a while (as digests of key
-and value), so the many records a killed worker left behind cost one read of the partition.
-A scan is bounded in records and time; past the bound the output counts as missing and is
-sent again (at least once, never lost).
+This path runs only after a crash or a lost lease; the hot path never reads a topic. An
+output counts as landed only if a record with its topic, key, value and headers is on its
+own partition, as many times as the stored outputs hold it. Scans are shared: a partition
+read for one record is remembered for a while (as digests), so the many records a killed
+worker left behind cost one read of the partition. A scan is bounded in records, time and
+memory; past a bound the output counts as missing and is sent again (at least once, never
+lost). Partitions come from the producer's metadata, the view its partitioner used.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from agentfabric.errors import UnavailableError
 from agentfabric.settings import Settings
 
 from .kafka import Outgoing, make_consumer
@@ -38,40 +42,53 @@ __all__ = ["LandedCheck"]
 log = logging.getLogger(__name__)
 
 CLOCK_SLACK_MS = 5_000  # record timestamps come from the producer's clock: read a bit before
-KEEP_S = 60.0  # how long a partition's scan is remembered
+KEEP_S = 60.0  # how long a partition's scan is kept from when it started
 MAX_RECORDS = 500_000  # per scan: past this the output counts as missing (sent again)
 MAX_SCAN_S = 30.0
+MAX_KEPT = 200_000  # digests kept per partition; a scan that would pass it is dropped
+
+Partitions = Callable[[str], Awaitable[set[int]]]
 
 
-def _digest(key: bytes | None, value: bytes | None) -> bytes:
+def _digest(topic: str, key: bytes | None, value: bytes | None,
+            headers: Sequence[tuple[str, bytes | None]]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    h.update(b"\x00" if key is None else b"\x01" + len(key).to_bytes(4, "big") + key)
-    h.update(value or b"")
+    for part in (topic.encode(), key, value or b"",
+                 *(b for name, v in headers for b in (name.encode(), v))):
+        h.update(b"\x00" if part is None else b"\x01" + len(part).to_bytes(4, "big") + part)
     return h.digest()
+
+
+def _of(out: Outgoing) -> bytes:
+    return _digest(out.topic, out.key, out.value, out.headers)
 
 
 @dataclass
 class _Scanned:
-    """What was read of one partition: from ``start`` up to ``next`` (exclusive)."""
+    """What was read of one partition: from ``start`` up to ``next`` (exclusive), each
+    record's digest with how often it was seen."""
 
     start: int
     next: int
-    seen: set[bytes] = field(default_factory=set)
-    used: float = field(default_factory=time.monotonic)
+    seen: Counter[bytes] = field(default_factory=Counter)
+    created: float = field(default_factory=time.monotonic)
 
 
 class LandedCheck:
     """``missing(outputs, since_ms)``: the outputs not on the broker, reading each one's
-    partition from ``since_ms`` (when it was stored) on."""
+    partition from ``since_ms`` (when it was stored) on. ``partitions(topic)`` gives a
+    topic's partition ids as the producer sees them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, partitions: Partitions) -> None:
         self.settings = settings
+        self._partitions = partitions
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
         self._scanned: dict[TopicPartition, _Scanned] = {}
         self._partitioner = DefaultPartitioner()
 
     async def close(self) -> None:
+        self._scanned.clear()
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
@@ -82,7 +99,7 @@ class LandedCheck:
         async with self._lock:  # one scan at a time: it is the rare path
             try:
                 return await self._missing(outputs, since_ms)
-            except KafkaError as exc:
+            except (KafkaError, UnavailableError) as exc:
                 log.warning("could not read back stored outputs (%s); sending them again",
                             type(exc).__name__)
                 return list(outputs)
@@ -90,16 +107,20 @@ class LandedCheck:
     async def _missing(self, outputs: Sequence[Outgoing], since_ms: int) -> list[Outgoing]:
         consumer = await self._started()
         self._forget_old()
-        wanted: dict[TopicPartition, list[Outgoing]] = {}
-        for out in outputs:
-            for tp in await self._partitions_of(consumer, out):
-                wanted.setdefault(tp, []).append(out)
-        found: set[bytes] = set()
-        for tp in wanted:
+        places: list[list[TopicPartition]] = [await self._partitions_of(out) for out in outputs]
+        found: dict[TopicPartition, Counter[bytes]] = {}
+        for tp in {tp for tps in places for tp in tps}:
             scanned = await self._scan(consumer, tp, since_ms - CLOCK_SLACK_MS)
-            if scanned is not None:
-                found |= scanned.seen
-        return [out for out in outputs if _digest(out.key, out.value) not in found]
+            found[tp] = Counter(scanned.seen) if scanned is not None else Counter()
+        missing = []
+        for out, tps in zip(outputs, places, strict=True):
+            digest = _of(out)
+            where = next((tp for tp in tps if found[tp][digest] > 0), None)
+            if where is None:
+                missing.append(out)
+            else:  # one record on the broker answers for one stored output
+                found[where][digest] -= 1
+        return missing
 
     async def _started(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -108,13 +129,8 @@ class LandedCheck:
             self._consumer = consumer
         return self._consumer
 
-    async def _partitions_of(self, consumer: AIOKafkaConsumer,
-                             out: Outgoing) -> list[TopicPartition]:
-        partitions = consumer.partitions_for_topic(out.topic)
-        if not partitions:
-            await consumer.topics()  # refresh metadata once
-            partitions = consumer.partitions_for_topic(out.topic) or set()
-        every = sorted(partitions)
+    async def _partitions_of(self, out: Outgoing) -> list[TopicPartition]:
+        every = sorted(await self._partitions(out.topic))
         if not every:
             return []
         if out.key is None:  # the producer picked one at random: look in each
@@ -123,13 +139,15 @@ class LandedCheck:
 
     def _forget_old(self) -> None:
         now = time.monotonic()
-        for tp in [tp for tp, s in self._scanned.items() if now - s.used > KEEP_S]:
+        for tp in [tp for tp, s in self._scanned.items() if now - s.created > KEEP_S]:
             del self._scanned[tp]
 
     async def _scan(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
                     since_ms: int) -> _Scanned | None:
         """Read ``tp`` from ``since_ms`` to its current end (reusing an earlier read that
-        started no later); None if nothing was written there since."""
+        started no later); None if nothing was written there since, or the read passed a
+        bound (then its outputs count as missing)."""
+        consumer.assign([tp])
         found = await consumer.offsets_for_times({tp: max(0, since_ms)})
         at = found.get(tp)
         # no record at or after the time (the embedded broker answers timestamp -1)
@@ -139,17 +157,17 @@ class LandedCheck:
         if scanned is None or scanned.start > at.offset:
             scanned = _Scanned(start=at.offset, next=at.offset)
             self._scanned[tp] = scanned
-        scanned.used = time.monotonic()
         end = (await consumer.end_offsets([tp]))[tp]
-        consumer.assign([tp])
         consumer.seek(tp, scanned.next)
         read, deadline = 0, time.monotonic() + MAX_SCAN_S
         checked_highwater, empty = False, 0
         while scanned.next < end and empty < 3:
-            if read >= MAX_RECORDS or time.monotonic() > deadline:
+            if (read >= MAX_RECORDS or time.monotonic() > deadline
+                    or len(scanned.seen) >= MAX_KEPT):
                 log.warning("%s: stopped reading back after %d records; outputs not found by "
                             "then are sent again", tp, read)
-                break
+                self._scanned.pop(tp, None)
+                return None
             batch = await consumer.getmany(tp, timeout_ms=500)
             if not checked_highwater and tp in batch:
                 # the embedded broker may report the start of its last batch + 1 as the end
@@ -158,7 +176,8 @@ class LandedCheck:
             records = batch.get(tp, [])
             empty = 0 if records else empty + 1
             for record in records:
-                scanned.seen.add(_digest(record.key, record.value))
+                scanned.seen[_digest(record.topic, record.key, record.value,
+                                     list(record.headers))] += 1
                 scanned.next = record.offset + 1
                 read += 1
         return scanned

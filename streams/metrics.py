@@ -104,6 +104,8 @@ class StreamMetrics:
         n = self.names
         if topic == n.dlq:
             return "dead_letter"
+        if topic == n.run_events:  # also the event of a failed attempt, beside its retry
+            return "run_event"
         if retried or topic.startswith(f"{n.prefix}.retry."):
             return "retry"
         if topic.startswith(f"{n.prefix}.results."):
@@ -112,8 +114,6 @@ class StreamMetrics:
             return "hand_off"
         if topic == n.recordings:
             return "recording"
-        if topic == n.run_events:
-            return "run_event"
         return "next"
 
     def sample_lag(self, consumers: Sequence[StepConsumer]) -> None:

@@ -45,9 +45,9 @@ class Runtime:
         claims = ClaimStore(self.redis, settings.topic_prefix, settings.idempotency_ttl_s,
                             settings.claim_check_bytes)
         # stored outputs found again after a crash are looked for on the broker first
-        self.landed = LandedCheck(settings)
         self.stages = stages or (lambda producer, store: default_stages(
-            producer, store, claims, settings.lease_ttl_s, observe, self.landed))
+            producer, store, claims, settings.lease_ttl_s, observe,
+            LandedCheck(settings, producer.partitions_for)))
         self.consumers: list[StepConsumer] = []
         self.ready = asyncio.Event()
 
@@ -80,7 +80,8 @@ class Runtime:
                 await asyncio.gather(*helpers, return_exceptions=True)
         finally:
             await producer.stop()
-            await self.landed.close()
+            for consumer in self.consumers:
+                await consumer.pipeline.close()
 
     async def _announce_ready(self) -> None:
         await asyncio.gather(*(c.assigned.wait() for c in self.consumers))

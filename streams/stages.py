@@ -67,6 +67,7 @@ class Pass:
     retried: bool = False  # the outputs are the job's next attempt
     started: float = 0.0  # wall-clock seconds when the execution began
     executed_s: float = 0.0  # how long it ran
+    notes: list[Outgoing] = field(default_factory=list)  # sent beside a retry or dead letter
 
     def dead(self, error: Exception) -> list[Outgoing]:
         self.error = error
@@ -104,6 +105,13 @@ class Pipeline:
         await self._chain(work)
         return work
 
+    async def close(self) -> None:
+        """Close the stages that hold resources (a stage with an async ``close``)."""
+        for stage in self.stages:
+            close = getattr(stage, "close", None)
+            if close is not None:
+                await close()
+
 
 class Acknowledge:
     """Send the outputs (every acknowledgement awaited), then mark them acknowledged."""
@@ -132,13 +140,16 @@ class Acknowledge:
             log.error("%s: the dead letter of %s was refused (%s); sending it with the value "
                       "cut short", work.executor.name, where, refused.reason)
             full = await self.claims.put(work.record.value or b"") if self.claims else None
-            await self.producer.send_all([_excerpt_dead_letter(work, work.error, full)])
+            await self.producer.send_all([_excerpt_dead_letter(work, work.error, full),
+                                          *work.notes])
             return
         log.error("%s: %s; dead-lettering %s", work.executor.name, refused.reason, where)
         if work.ack_key is not None:
             await self.store.forget(work.ack_key)  # a replay computes the output afresh
             work.ack_key = None
-        work.outputs = work.dead(refused)
+        # the ledger hears of the dead letter, not of what the outputs said
+        work.notes = _failure_notes(work, "dead_letter", refused)
+        work.outputs = [*work.dead(refused), *work.notes]
         try:
             await self.producer.send_all(work.outputs)
         except PermanentError as again:
@@ -211,6 +222,11 @@ class Dedupe:
         self.instance = uuid.uuid4().hex[:12]  # tokens of this stage's leases
         self.landed = landed
 
+    async def close(self) -> None:
+        await self.leases.close()
+        if self.landed is not None:
+            await self.landed.close()
+
     async def __call__(self, work: Pass, after: Next) -> None:
         job = work.job
         key = job.dedupe_key if job else None
@@ -254,14 +270,16 @@ class Dedupe:
         outputs = claim.outputs or []
         if self.landed is None or claim.stored_ms is None or not outputs:
             return outputs
-        wait_ms = claim.stored_ms + SETTLE_MS - int(time.time() * 1000)
+        # (bounded: the clock that stamped it may be ahead of this one)
+        wait_ms = min(claim.stored_ms + SETTLE_MS - int(time.time() * 1000), SETTLE_MS)
         if wait_ms > 0:
             await asyncio.sleep(wait_ms / 1000)
             stored, acked = await self.store.recall(key)
             if acked:
                 return []
-            if stored is None:  # forgotten meanwhile (the broker refused it): as it was
-                return outputs
+            if stored is None:  # forgotten: the broker refused it and its sender dead-
+                return []       # lettered the record, or a replay cleared it
+            outputs = stored
         missing = await self.landed.missing(outputs, claim.stored_ms)
         if len(missing) < len(outputs):
             log.info("%s: %d of %d stored outputs of %s are on the broker already; sending "
@@ -315,19 +333,21 @@ async def route(work: Pass, after: Next) -> None:
                       work.record.partition, work.record.offset, type(failure).__name__,
                       failure, exc_info=failure)
         work.outputs = work.dead(failure)
-    if work.failure is not None:
-        work.outputs += _failure_notes(work, "retry" if work.retried else "dead_letter")
+    failed = failure if failure is not None else work.failure
+    if failed is not None:
+        work.notes = _failure_notes(work, "retry" if work.retried else "dead_letter", failed)
+        work.outputs += work.notes
     await after(work)
 
 
-def _failure_notes(work: Pass, outcome: str) -> list[Outgoing]:
+def _failure_notes(work: Pass, outcome: str, failure: Exception) -> list[Outgoing]:
     """What the executor sends beside a retry or a dead letter (its ``attempt_failed``
     hook, e.g. the run ledger's event of the failed attempt); never in the way of either."""
     hook = getattr(work.executor, "attempt_failed", None)
-    if hook is None or work.job is None or work.failure is None:
+    if hook is None or work.job is None:
         return []
     try:
-        emits = hook(work.job, outcome, work.failure, work.started, work.executed_s)
+        emits = hook(work.job, outcome, failure, work.started, work.executed_s)
         return [Outgoing.of(e.topic, e.key, e.model, e.headers) for e in emits]
     except Exception:  # a note is not worth losing the retry or the dead letter for
         log.exception("%s: could not note a failed attempt", work.executor.name)

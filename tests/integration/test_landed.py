@@ -43,8 +43,8 @@ async def producer(settings: Settings) -> AsyncIterator[Producer]:
 
 
 @pytest.fixture
-async def landed(settings: Settings) -> AsyncIterator[LandedCheck]:
-    check = LandedCheck(settings)
+async def landed(settings: Settings, producer: Producer) -> AsyncIterator[LandedCheck]:
+    check = LandedCheck(settings, producer.partitions_for)
     try:
         yield check
     finally:
@@ -69,6 +69,25 @@ async def test_only_the_outputs_not_on_the_broker_are_missing(
     await producer.send_all(outs[8:10])
     assert await landed.missing(outs, since) == outs[10:]
     assert await landed.missing([], since) == []
+
+
+async def test_outputs_count_only_on_their_own_topic_and_partition_once_each(
+        topic: str, producer: Producer, landed: LandedCheck, settings: Settings) -> None:
+    other = f"{topic}.other"
+    await apply_topics(settings.bootstrap_servers, [other], partitions=2, replication_factor=1)
+    since = int(time.time() * 1000)
+    [mine] = outputs(topic, 1)
+    twin = Outgoing(other, mine.key, mine.value, mine.headers)  # same bytes, other topic
+    await producer.send_all([twin])
+    assert await landed.missing([mine], since) == [mine], "a twin on another topic"
+    await producer.send_all([mine])
+    # after reading one topic, another is still found (partitions from the producer)
+    assert await landed.missing([twin, mine], since) == []
+    # two stored copies of one output, one on the broker: one is missing
+    assert await landed.missing([mine, mine], since) == [mine]
+    # other headers are another record
+    changed = Outgoing(topic, mine.key, mine.value, (("af-schema", b"x.v2"),))
+    assert await landed.missing([changed], since) == [changed]
 
 
 async def test_a_record_whose_stored_output_landed_sends_nothing_more(

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -200,3 +201,37 @@ async def test_failed_attempts_are_in_the_timeline(settings: Settings, tmp_path:
     table = cli("runs", "show", run_id, env=env)
     assert table.returncode == 0, table.stderr
     assert "divide attempt 1 (dead_letter): ExpressionEvalError" in table.stdout
+
+
+async def test_a_replayed_step_counts_after_its_dead_letter(settings: Settings) -> None:
+    """A dead-lettered attempt and the replay that completes the run share the step visit's
+    key and attempt: both events count, and the run ends completed."""
+    from datetime import UTC, datetime
+
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(settings.redis_url)
+    ledger = RunLedger(redis, settings.topic_prefix)
+    at = datetime.now(UTC)
+    run_id = "11111111-2222-3333-4444-555555555555"
+    common: dict[str, Any] = {"run_id": run_id, "workflow": "wf",
+              "workflow_version": 1, "step": "last", "tenant": "acme",
+              "idempotency_key": "run:last:0", "attempt": 1, "started_at": at,
+              "finished_at": at}
+    try:
+        dead = RunEvent(**common, outcome="dead_letter", error="ToolError: down")
+        assert await ledger.fold(dead)
+        assert not await ledger.fold(dead), "a redelivered event counts once"
+        summary = await ledger.summary(run_id)
+        assert summary is not None
+        assert summary.status == "dead_letter"
+        replayed = RunEvent(**common, outcome="result", status="completed", input_tokens=7)
+        assert await ledger.fold(replayed)
+        summary = await ledger.summary(run_id)
+        assert summary is not None
+        assert (summary.status, summary.totals.steps, summary.totals.input_tokens) == (
+            "completed", 1, 7)
+        assert [e.outcome for e in await ledger.steps(run_id)] == [
+            "dead_letter", "result"]
+    finally:
+        await redis.aclose()

@@ -202,6 +202,23 @@ class RunLedger:
 
     async def fold(self, event: RunEvent) -> bool:
         """Count ``event`` once; False if it was counted before (a redelivery)."""
+        [counted] = await self.fold_many([event])
+        return counted
+
+    async def fold_many(self, events: Sequence[RunEvent]) -> list[bool]:
+        """Count each event once, in order, in one round trip; per event whether it counted
+        now (False: counted before, a redelivery)."""
+        if not events:
+            return []
+        try:
+            replies = await self._pipelined.script(_FOLD, [self._fold_call(e) for e in events])
+        except UnavailableError:
+            raise
+        except RedisError as exc:
+            raise redis_unavailable(exc, doing="folding run events") from exc
+        return [bool(counted) for counted in replies]
+
+    def _fold_call(self, event: RunEvent) -> tuple[list[str], list[Any]]:
         hour = _ms(event.finished_at) // HOUR_MS
         run = self._run_key(event.run_id)
         # a failed attempt has a key of its own: a replay of its dead letter runs the same
@@ -219,14 +236,7 @@ class RunLedger:
             event.input_tokens, event.output_tokens, repr(event.cost_usd), event.tool_calls,
             event.run_id, f"{event.tenant}|{event.workflow}|{event.step}|", hour,
             0 if event.outcome in FAILED else 1]
-        try:
-            [counted] = await self._pipelined.script(_FOLD, [(keys, args)])
-        except UnavailableError:
-            raise
-        except RedisError as exc:
-            raise redis_unavailable(exc, doing=f"folding a run event of {event.run_id}") \
-                from exc
-        return bool(counted)
+        return keys, args
 
     async def steps(self, run_id: str) -> list[RunEvent]:
         """The run's step events in the order they started."""
@@ -301,7 +311,7 @@ def _summary(run_id: str, data: Mapping[Any, Any]) -> RunSummary:
 
 class LedgerExecutor(SideConsumer):
     """Reads the run-events topic and folds each event into the ledger (idempotently);
-    emits nothing."""
+    emits nothing. A sink: each fetched batch is folded at once."""
 
     def __init__(self, settings: Settings, ledger: RunLedger) -> None:
         names = TopicNames(settings.topic_prefix)
@@ -317,6 +327,12 @@ class LedgerExecutor(SideConsumer):
         assert isinstance(job.message, RunEvent)
         await self.ledger.fold(job.message)
         return []
+
+    async def execute_batch(self, jobs: Sequence[Job]) -> None:
+        """A sink: a fetched batch of events folded in one round trip (``streams.consumer``)."""
+        events = [job.message for job in jobs]
+        assert all(isinstance(e, RunEvent) for e in events)
+        await self.ledger.fold_many(events)  # type: ignore[arg-type]
 
 
 def event_json(event: RunEvent) -> dict[str, Any]:

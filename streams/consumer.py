@@ -7,6 +7,12 @@ committed every ``commit_interval_ms`` at the contiguous finished prefix, and on
 and stop, so a record's offset is committed only after everything it produced is
 acknowledged (at-least-once). There is no barrier across partitions.
 
+An executor that is a *sink* (it has ``execute_batch``: idempotent writes, no outputs, such
+as the run ledger) takes each fetched batch of a partition at once instead: its records are
+decoded and written together in order (one Redis round trip for the lot), and their offsets
+finish when the write succeeds. A record that does not decode, or travelled as a claim
+check, goes through the stages one by one (a bad one becomes a dead letter).
+
 When Kafka or Redis is unavailable a record is tried again in place after a backoff; its
 window fills and its partition pauses, and no commit passes it. On revocation a partition
 takes nothing more and its records in flight are awaited up to ``revoke_timeout_s``, then
@@ -20,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -27,11 +34,17 @@ from aiokafka.structs import OffsetAndMetadata
 
 from agentfabric.errors import TransientError, UnavailableError
 from agentfabric.settings import Settings
+from schemas.serde import header_value
 
-from .executor import Executor
+from .claims import CLAIM_HEADER
+from .executor import Executor, Job, Sink
 from .kafka import make_consumer
 from .stages import Pipeline, Stage
+from .tolerant import invalid_header_keys
 from .window import PartitionWindow
+
+if TYPE_CHECKING:
+    from .metrics import StreamMetrics
 
 __all__ = ["RETRY_BACKOFF_S", "StepConsumer"]
 
@@ -54,8 +67,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class StepConsumer:
     """Runs one executor (the router, or one workflow step) as one consumer-group member."""
 
-    def __init__(self, settings: Settings, executor: Executor, stages: Sequence[Stage]) -> None:
+    def __init__(self, settings: Settings, executor: Executor, stages: Sequence[Stage],
+                 metrics: StreamMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics  # a sink's records are counted here (no stages observe them)
         self.executor = executor
         self.pipeline = Pipeline(executor, stages)
         self.windows: dict[TopicPartition, PartitionWindow] = {}
@@ -94,12 +109,16 @@ class StepConsumer:
         poll_records = min(self.settings.max_poll_records, self.executor.max_in_flight)
         committer = asyncio.create_task(self._commit_every(self.settings.commit_interval_ms
                                                            / 1000))
+        sink: Sink | None = getattr(self.executor, "execute_batch", None)
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=poll_ms, max_records=poll_records)
                 for tp, records in batch.items():
                     if tp in self._releasing:
                         continue  # fetched before its revocation: the next owner reads it
+                    if sink is not None:
+                        await self._sink(self._window(tp), records, sink)
+                        continue
                     self._window(tp).offer(records)
                     self._flow(tp)
         finally:
@@ -156,6 +175,49 @@ class StepConsumer:
                 self._paused.discard(tp)
         except (KafkaError, AssertionError, KeyError):  # unassigned meanwhile
             self._paused.discard(tp)
+
+    async def _sink(self, window: PartitionWindow, records: list[ConsumerRecord],
+                    sink: Sink) -> None:
+        """A sink's batch of one partition: decoded and written at once, in order."""
+        taken: list[tuple[ConsumerRecord, Job]] = []
+        for record in records:
+            window.offsets.start(record.offset)
+            job = self._sink_job(record)
+            if job is None:  # the stages deal with it (a dead letter, a claim check)
+                if await self._work(record, window):
+                    window.offsets.finish(record.offset)
+                continue
+            taken.append((record, job))
+        failures = 0
+        while taken:
+            try:
+                await sink([job for _, job in taken])
+            except (TransientError, UnavailableError) as exc:
+                if window.closed or self._stop.is_set():
+                    return  # left unfinished: the partition's next reader writes them
+                delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
+                failures += 1
+                self._warn(exc.reason, taken[0][0], delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                continue
+            break
+        for record, _ in taken:
+            window.offsets.finish(record.offset)
+        self.processed += len(taken)
+        if self.metrics is not None and taken:
+            self.metrics.records_in.labels(self.name, self.metrics.topic_kind(
+                taken[0][0].topic)).inc(len(taken))
+
+    def _sink_job(self, record: ConsumerRecord) -> Job | None:
+        """The record as a job, or None if the stages must take it one by one."""
+        if header_value(record.headers, CLAIM_HEADER) is not None or \
+                invalid_header_keys(record.headers):
+            return None
+        try:
+            return self.executor.decode(record)
+        except Exception:  # noqa: BLE001 - the stages turn it into a dead letter
+            return None
 
     async def _work(self, record: ConsumerRecord, window: PartitionWindow) -> bool:
         """One record through the stages; True once its output is acknowledged."""

@@ -17,7 +17,7 @@ runtime's job (the ``route`` stage).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +26,7 @@ from aiokafka import ConsumerRecord
 from agentfabric.errors import TransientError
 from schemas.models import AvroModel, StepMessage
 
-__all__ = ["Emit", "Executor", "Job"]
+__all__ = ["Emit", "Executor", "Job", "Sink"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +65,22 @@ class Job:
     approval_of: str | None = None
 
 
+# a sink executor's ``execute_batch``: writes the jobs of one fetched batch, in order
+Sink = Callable[[Sequence[Job]], Awaitable[None]]
+
+
 class Executor(Protocol):
     """One consumer group's work: the router, or one step of one workflow. An executor may
-    also have a ``fetch_max_wait_ms`` attribute for its consumer (default: the setting)."""
+    also have:
+
+    - a ``fetch_max_wait_ms`` attribute for its consumer (default: the setting);
+    - an ``attempt_failed(job, outcome, error, started, seconds) -> Sequence[Emit]``
+      method: messages sent beside a retry (``outcome`` "retry") or a dead letter
+      ("dead_letter") of an attempt that failed (``started`` wall-clock seconds, ran
+      ``seconds``), e.g. the run ledger's event;
+    - an ``execute_batch(jobs)`` method that makes it a sink: idempotent writes with no
+      outputs (the run ledger); a fetched batch of a partition is decoded and written at
+      once, in order (``streams.consumer``)."""
 
     @property
     def name(self) -> str: ...

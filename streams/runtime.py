@@ -61,8 +61,8 @@ class Runtime:
         try:
             store = RedisEmissionStore(self.redis, self.settings.topic_prefix,
                                        self.settings.idempotency_ttl_s)
-            self.consumers = [StepConsumer(self.settings, e, self.stages(producer, store))
-                              for e in self.executors]
+            self.consumers = [StepConsumer(self.settings, e, self.stages(producer, store),
+                                           self.metrics) for e in self.executors]
             tasks = [asyncio.create_task(c.run(stop), name=c.name) for c in self.consumers]
             watcher = asyncio.create_task(self._announce_ready())
             sampler = (asyncio.create_task(self.metrics.sample_lag_every(self.consumers))

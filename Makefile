@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,all]'
+	@# setuptools prints an InformationOnly notice on every editable install (its "be careful
+	@# with folders named like your package"); the layout is flat on purpose, so it is hidden
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[dev,all]'
 	@touch $(STAMP)
 
 demo: setup
@@ -35,7 +37,7 @@ faults: setup  # the fault suite (kill -9, Redis and service outages, fuzz); pri
 	AF_FAULTS=1 $(BIN)/python -m pytest tests/faults -s -v
 
 bench: setup  # BENCH_ARGS=--quick for a ~1 min smoke run; see python -m bench.suite --help
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.suite $(BENCH_ARGS)
 
 up: setup

@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -135,12 +136,33 @@ def _endpoint(base: str) -> str:
     return base if base.endswith("/v1/traces") else f"{base}/v1/traces"
 
 
+def traces_url(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """Where spans go: ``AGENTFABRIC_OTLP_ENDPOINT`` (a collector's base URL), else the
+    standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (the traces URL itself) or
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (a base URL), unless ``OTEL_SDK_DISABLED=true`` or
+    ``OTEL_TRACES_EXPORTER=none``; None: no spans."""
+    env = os.environ if env is None else env
+    if settings.otlp_endpoint is not None:
+        return _endpoint(settings.otlp_endpoint)
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or \
+            env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return None
+    if url := env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        return url
+    if url := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+        return _endpoint(url)
+    return None
+
+
 def start(settings: Settings, exporter: SpanExporter | None = None) -> bool:
-    """Record and export spans if ``settings.otlp_endpoint`` is set (or, in tests, to
-    ``exporter``); returns whether tracing is on. Each call that returns True needs one
-    :func:`stop`. Raises ``ConfigError`` naming the extra if OpenTelemetry is missing."""
+    """Record and export spans if an OTLP endpoint is configured (:func:`traces_url`; or,
+    in tests, to ``exporter``); returns whether tracing is on. Each call that returns True
+    needs one :func:`stop`. ``AGENTFABRIC_OTLP_ENDPOINT`` without OpenTelemetry installed
+    raises ``ConfigError`` naming the extra; the standard ``OTEL_*`` variables (maybe set
+    for other programs) only log a warning then."""
     global _state
-    if settings.otlp_endpoint is None and exporter is None:
+    url = traces_url(settings) if exporter is None else None
+    if url is None and exporter is None:
         return False
     if _state is not None:
         _state.users += 1
@@ -149,23 +171,27 @@ def start(settings: Settings, exporter: SpanExporter | None = None) -> bool:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter,
+            )
     except ImportError as exc:
+        if settings.otlp_endpoint is None and exporter is None:
+            log.warning("an OTEL_EXPORTER_OTLP_* endpoint is set, but OpenTelemetry is not "
+                        "installed (%s): no spans", OTEL_EXTRA)
+            return False
         raise ConfigError(f"AGENTFABRIC_OTLP_ENDPOINT is set, but OpenTelemetry is not "
                           f"installed: {OTEL_EXTRA}, or unset the endpoint") from exc
-    resource = Resource.create({"service.name": settings.service_name})
+    named = ("OTEL_SERVICE_NAME" in os.environ
+             and "service_name" not in settings.model_fields_set)
+    resource = Resource.create({} if named else {"service.name": settings.service_name})
     provider = TracerProvider(resource=resource, id_generator=_ids())
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
-        assert settings.otlp_endpoint is not None
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError as exc:
-            raise ConfigError(f"AGENTFABRIC_OTLP_ENDPOINT is set, but the OTLP exporter is "
-                              f"not installed: {OTEL_EXTRA}") from exc
-        provider.add_span_processor(BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=_endpoint(settings.otlp_endpoint))))
-        log.info("traces exported to %s", redact(_endpoint(settings.otlp_endpoint)))
+        assert url is not None
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
+        log.info("traces exported to %s", redact(url))
     _state = _State(provider, provider.get_tracer("agentfabric"))
     return True
 

@@ -300,3 +300,37 @@ def test_an_endpoint_without_the_extra_is_a_config_error(
                           capture_output=True, text=True, timeout=100, check=False)
     assert done.returncode == 0, done.stderr
     assert "agentfabric[otel]" in done.stdout
+
+
+def test_the_traces_url_comes_from_the_setting_or_the_standard_otel_variables() -> None:
+    from agentfabric.settings import Settings
+    from agentfabric.tracing import traces_url
+
+    plain = Settings()
+    assert traces_url(plain, {}) is None
+    assert traces_url(plain, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}) == \
+        "http://collector:4318/v1/traces"
+    assert traces_url(plain, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/t",
+                              "OTEL_EXPORTER_OTLP_ENDPOINT": "http://other:4318"}) == \
+        "http://c:4318/t"
+    assert traces_url(plain, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+                              "OTEL_SDK_DISABLED": "true"}) is None
+    assert traces_url(plain, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+                              "OTEL_TRACES_EXPORTER": "none"}) is None
+    ours = Settings(otlp_endpoint="http://tempo:4318/")
+    assert traces_url(ours, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://other:4318"}) == \
+        "http://tempo:4318/v1/traces"
+
+
+async def test_the_standard_otel_endpoint_variable_turns_tracing_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentfabric import tracing
+    from agentfabric.settings import Settings
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    assert tracing.start(Settings())
+    try:
+        assert tracing.enabled()
+    finally:
+        await tracing.stop()
+    assert not tracing.enabled()

@@ -22,11 +22,12 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from agentfabric.app import build_engine
 from agentfabric.settings import load_settings
+from bench.relay import clients
 from schemas.models import StepMessage, TriggerEvent
 from schemas.serde import decode, encode
 
@@ -36,12 +37,8 @@ Out = list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
 async def _hop(bootstrap: str, source: str, dest: str, group: str,
                work: Callable[[ConsumerRecord], Awaitable[Out]], stop: asyncio.Event, *,
                fetch_max_wait_ms: int, max_poll_records: int) -> int:
-    consumer = AIOKafkaConsumer(
-        source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-        auto_offset_reset="earliest", fetch_max_wait_ms=fetch_max_wait_ms,
-        max_poll_records=max_poll_records)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=False, linger_ms=0)
+    consumer, producer = clients(bootstrap, source, group, fetch_max_wait_ms=fetch_max_wait_ms,
+                                 max_poll_records=max_poll_records)
     await producer.start()
     await consumer.start()
     moved = 0

@@ -22,18 +22,26 @@ from aiokafka.structs import OffsetAndMetadata
 READY = "relay ready"
 
 
-async def relay(bootstrap: str, source: str, dest: str, group: str, *, fetch_max_wait_ms: int,
-                max_poll_records: int) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+def clients(bootstrap: str, source: str, group: str, *, fetch_max_wait_ms: int,
+            max_poll_records: int) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    """A hop's consumer of ``source`` and producer, with the fabric's client settings."""
     consumer = AIOKafkaConsumer(
         source, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
         auto_offset_reset="earliest", fetch_max_wait_ms=fetch_max_wait_ms,
         max_poll_records=max_poll_records)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
                                 enable_idempotence=False, linger_ms=0)
+    return consumer, producer
+
+
+async def relay(bootstrap: str, source: str, dest: str, group: str, *, fetch_max_wait_ms: int,
+                max_poll_records: int) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    consumer, producer = clients(bootstrap, source, group, fetch_max_wait_ms=fetch_max_wait_ms,
+                                 max_poll_records=max_poll_records)
     await producer.start()
     await consumer.start()
     relayed = 0

@@ -4,20 +4,20 @@ ports and stopped by pid; per-test settings with their own topic prefix."""
 from __future__ import annotations
 
 import io
-import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
-from agentfabric.logs import configure_logging
 from agentfabric.settings import Settings
 from agents.loader import sample_workflows_dir
+from agents.model_server import ModelServerHandle
 from streams.embedded import EmbeddedStack, StackInfo, free_port, pid_alive
 
+from .logcapture import captured_logs
+from .modelfixture import scripted_server, workflow_folder
 from .servicefixture import RunningServices, running_services
 
 
@@ -97,15 +97,22 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServic
 def log_output() -> Iterator[io.StringIO]:
     """JSON logs (DEBUG and up) into a string; the root logger and structlog restored
     afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    handler = configure_logging("DEBUG", "json", stream=stream)
-    try:
+    with captured_logs() as stream:
         yield stream
-    finally:
-        root.removeHandler(handler)
-        for old in handlers:
-            root.addHandler(old)
-        root.setLevel(level)
-        structlog.reset_defaults()
+
+
+@pytest.fixture
+async def model_server(request: pytest.FixtureRequest) -> AsyncIterator[ModelServerHandle]:
+    """The local model server playing the test module's ``SCRIPT``."""
+    async with scripted_server(request.module.SCRIPT) as handle:
+        yield handle
+
+
+@pytest.fixture
+def llm_settings(settings: Settings, model_server: ModelServerHandle, tmp_path: Path,
+                 request: pytest.FixtureRequest) -> Settings:
+    """Settings running only the test module's ``WORKFLOW`` (its prompt fit.md) against
+    ``model_server``, with priced tokens (1 and 2 USD per million in and out)."""
+    return settings.model_copy(update=workflow_folder(
+        tmp_path, request.module.WORKFLOW, model_server.url, input_usd_per_mtok=1.0,
+        output_usd_per_mtok=2.0))

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tools.registry import ToolCall, ToolRegistry
 from tools.services import crm, erp
 
-__all__ = ["SampleTools", "sample_tools"]
+__all__ = ["Clock", "SampleTools", "sample_tools"]
 
 
 class _Args(BaseModel):
@@ -85,3 +85,13 @@ class SampleTools(ToolRegistry):
 
 def sample_tools() -> SampleTools:
     return SampleTools()
+
+
+class Clock:
+    """A settable clock (seconds) for code that takes a ``clock`` callable."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

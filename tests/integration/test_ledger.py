@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,10 @@ import yaml
 from agentfabric.ledger import RunLedger
 from agentfabric.settings import Settings
 from agents.engine import run_id_for
-from agents.model_server import ModelServerHandle
 from schemas.models import RunEvent, TriggerEvent
 from streams.reader import read_until
 from streams.topics import TopicNames
-from tests.modelfixture import FIT_RULE, fit_check, models_file, scripted_server, workflow_folder
+from tests.modelfixture import FIT_RULE, fit_check, models_file, scripted_server
 
 from .helpers import collect_results, running_worker
 from .test_cli import cli, settings_env
@@ -33,17 +31,6 @@ WORKFLOW = fit_check({"id": "shout", "kind": "transform", "output": "{{ steps.la
 DOMAINS = ("contoso.com", "litware.com")
 
 
-@pytest.fixture
-async def model_server() -> AsyncIterator[ModelServerHandle]:
-    async with scripted_server(SCRIPT) as handle:
-        yield handle
-
-
-@pytest.fixture
-def llm_settings(settings: Settings, model_server: ModelServerHandle,
-                 tmp_path: Path) -> Settings:
-    return settings.model_copy(update=workflow_folder(
-        tmp_path, WORKFLOW, model_server.url, input_usd_per_mtok=1.0, output_usd_per_mtok=2.0))
 
 
 def event(domain: str) -> TriggerEvent:

@@ -3,19 +3,16 @@ approvals topic. The model is the local scripted server, reached by the real ope
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentfabric.settings import Settings
 from agents.engine import run_id_for
-from agents.model_server import ModelServerHandle
 from schemas.models import HandOff, TriggerEvent
 from streams.reader import read_until
 from streams.topics import TopicNames
-from tests.modelfixture import FIT_RULE, fit_check, scripted_server, workflow_folder
+from tests.modelfixture import FIT_RULE, fit_check
 
 from .helpers import collect_results, running_worker
 from .test_cli import cli, settings_env
@@ -31,17 +28,6 @@ SCRIPT = {"rules": [
 WORKFLOW = fit_check(record=True)
 
 
-@pytest.fixture
-async def model_server() -> AsyncIterator[ModelServerHandle]:
-    async with scripted_server(SCRIPT) as handle:
-        yield handle
-
-
-@pytest.fixture
-def llm_settings(settings: Settings, model_server: ModelServerHandle,
-                 tmp_path: Path) -> Settings:
-    return settings.model_copy(update=workflow_folder(
-        tmp_path, WORKFLOW, model_server.url, input_usd_per_mtok=1.0, output_usd_per_mtok=2.0))
 
 
 def event(domain: str) -> TriggerEvent:

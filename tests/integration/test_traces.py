@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from agentfabric.client import Client
 from agentfabric.settings import Settings
 from agents.model_server import ModelServerHandle
 from schemas.models import TriggerEvent
-from tests.modelfixture import FIT_RULE, fit_check, scripted_server, workflow_folder
+from tests.modelfixture import FIT_RULE, fit_check, workflow_folder
 from tests.otlpreceiver import OtlpReceiver, ReceivedSpan, otlp_receiver
 
 from .helpers import collect_results, running_worker
@@ -32,11 +32,6 @@ TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 SCRIPT = {"rules": [FIT_RULE]}
 WORKFLOW = fit_check()
 
-
-@pytest.fixture
-async def model_server() -> AsyncIterator[ModelServerHandle]:
-    async with scripted_server(SCRIPT) as handle:
-        yield handle
 
 
 @pytest.fixture

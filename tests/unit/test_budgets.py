@@ -19,8 +19,8 @@ from agents.loader import load_workflows, parse_workflow
 from agents.model_server import ModelServerHandle
 from agents.models import ModelClient, load_registry
 from schemas.models import RunResult, StepMessage, TriggerEvent
-from tests.faketools import sample_tools
-from tests.modelfixture import models_file, scripted_server
+from tests.faketools import Clock, sample_tools
+from tests.modelfixture import models_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,18 +53,9 @@ def workflow(name: str, budget: dict[str, Any] | None = None,
     return doc
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-async def server() -> AsyncIterator[ModelServerHandle]:
-    async with scripted_server(SCRIPT) as handle:
-        yield handle
+def server(model_server: ModelServerHandle) -> ModelServerHandle:
+    return model_server  # conftest: the server playing this module's SCRIPT
 
 
 async def requests(server: ModelServerHandle) -> list[dict[str, Any]]:
@@ -165,7 +156,7 @@ async def test_a_generous_budget_lets_the_run_finish(server: ModelServerHandle,
 async def test_a_tenant_budget_holds_across_runs_and_windows(
         server: ModelServerHandle, engine_for: Any) -> None:
     engine = engine_for(workflow("summarise", steps=("summary",)))
-    clock = Clock()
+    clock = Clock(10_000.0)
     store = MemorySpendStore()
     engine.budgets = Budgets(tenants={"acme": TenantBudget(max_cost_usd=TINY, period_s=3600)},
                              store=store, clock=clock)
@@ -209,7 +200,7 @@ async def test_a_call_answered_from_the_journal_is_not_counted_twice(
     engine.journal = MemoryJournal()
     store = MemorySpendStore()
     engine.budgets = Budgets(tenants={"acme": TenantBudget(max_tokens=10_000, period_s=3600)},
-                             store=store, clock=Clock())
+                             store=store, clock=Clock(10_000.0))
     [first] = engine.start(event(1, "summarise"))
     once = await engine.run_step(first)
     again = await engine.run_step(first)  # the same message: redelivered after a crash
@@ -218,5 +209,5 @@ async def test_a_call_answered_from_the_journal_is_not_counted_twice(
     assert result.status == "completed"
     assert [r.usage for r in once.emitted] == [r.usage for r in again.emitted]
     assert len(await requests(server)) == 1  # the model was asked once
-    tokens, _ = await store.spent("acme", int(Clock()() // 3600))
+    tokens, _ = await store.spent("acme", int(Clock(10_000.0)() // 3600))
     assert tokens == result.usage.input_tokens + result.usage.output_tokens

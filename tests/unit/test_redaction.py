@@ -28,6 +28,7 @@ from agentfabric.tables import dead_letters_table, describe_dead_letter, results
 from schemas.models import DeadLetter, RunResult
 from schemas.serde import decode
 from streams.dlq import dead_letter
+from tests.logcapture import captured_logs
 from tools.gateway.redact import sanitize_error
 
 pytestmark = pytest.mark.timeout(30)
@@ -140,18 +141,8 @@ def test_bound_fields_reach_stdlib_log_lines(log_output: io.StringIO) -> None:
 
 
 def test_console_format_is_redacted_too() -> None:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    handler = configure_logging("INFO", "console", stream=stream)
-    try:
+    with captured_logs("INFO", "console") as stream:
         logging.getLogger("tests.console").warning("url %s", "redis://:pw@h")
-    finally:
-        root.removeHandler(handler)
-        for old in handlers:
-            root.addHandler(old)
-        root.setLevel(level)
-        structlog.reset_defaults()
     assert "redis://[redacted]@h" in stream.getvalue()
     assert ":pw@" not in stream.getvalue()
     with pytest.raises(ValueError, match="unknown log format"):

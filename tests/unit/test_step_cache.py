@@ -18,8 +18,8 @@ from agents.loader import load_workflows, parse_workflow
 from agents.model_server import ModelServerHandle
 from agents.models import ModelClient, load_registry
 from schemas.models import RunResult, StepMessage, TriggerEvent
-from tests.faketools import SampleTools
-from tests.modelfixture import models_file, scripted_server
+from tests.faketools import Clock, SampleTools
+from tests.modelfixture import models_file
 from tools.registry import ToolCall
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,18 +53,9 @@ class CountingTools(SampleTools):
         return await super().call(name, arguments, call)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-async def server() -> AsyncIterator[ModelServerHandle]:
-    async with scripted_server(SCRIPT) as handle:
-        yield handle
+def server(model_server: ModelServerHandle) -> ModelServerHandle:
+    return model_server  # conftest: the server playing this module's SCRIPT
 
 
 async def requests(server: ModelServerHandle) -> int:

@@ -75,7 +75,7 @@ class RouterExecutor:
         replay_of = header_text(record, REPLAY_HEADER)
         return Job(message=event, dedupe_key=f"{done}:replay:{replay_of}" if replay_of else done,
                    done_key=done, timeout_s=self.timeout_s, trace_parent=trace_of(record),
-                   replay_of=replay_of)
+                   replay_of=replay_of, pure=True)
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         event = job.message
@@ -138,7 +138,8 @@ class StepExecutor:
                    done_key=done, timeout_s=self._timeout(message), subject=message,
                    trace_parent=message.trace_parent,
                    first_failure_ms=header_ms(record, FIRST_FAILURE_HEADER),
-                   replay_of=replay_of, approval_of=approval_of)
+                   replay_of=replay_of, approval_of=approval_of,
+                   pure=self.engine.is_pure(message))
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         message = job.message

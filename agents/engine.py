@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from agentfabric.errors import ApprovalRequired, ConfigError, PermanentError
+from agentfabric.errors import (
+    ApprovalRequired,
+    ConfigError,
+    PermanentError,
+    UnknownStepError,
+    UnknownWorkflowError,
+)
 from agentfabric.tracing import TraceParent, parse_traceparent, step_span_id
 from schemas.models import (
     Frame,
@@ -230,6 +236,19 @@ class Engine:
                         self.models.check(models)
                     except ConfigError as exc:
                         raise ConfigError(f"{wf.file}: step '{step.id}': {exc}") from exc
+
+    def is_pure(self, msg: StepMessage) -> bool:
+        """Whether running ``msg`` has no effect beyond the messages it returns: a pure step
+        kind (transform, branch), not cached, not recorded, and neither in a parallel branch
+        (it may join) nor in a called workflow (it may return to its caller)."""
+        if self.record_all or msg.frames or msg.parent is not None:
+            return False
+        try:
+            wf = self.workflows.get(msg.workflow, msg.workflow_version)
+            step = wf.step(msg.step)
+        except (UnknownWorkflowError, UnknownStepError):  # run_step says what is wrong
+            return False
+        return step.pure and step.cache is None and not wf.record
 
     def start(self, event: TriggerEvent, trace_parent: str | None = None) -> list[StepMessage]:
         """The first step message of every workflow this event starts."""

@@ -28,8 +28,8 @@ from schemas.serde import decode
 from streams.topics import apply_topics
 
 __all__ = ["Latency", "LlmResult", "Memory", "OpenAiResult", "Throughput", "bare_openai",
-           "fabric_latency", "fabric_llm", "fabric_memory", "fabric_throughput", "percentile",
-           "raw_latency", "raw_throughput"]
+           "fabric_latency", "fabric_llm", "fabric_memory", "fabric_throughput", "merged",
+           "percentile", "raw_latency", "raw_throughput"]
 
 
 @dataclass
@@ -220,23 +220,41 @@ async def _paced_latency(bench: Bench, label: str, chain: list[tuple[str, KeyOf]
     return Latency(label, samples, hops, len(measured), len(measured) - len(arrived))
 
 
+def merged(parts: list[Latency]) -> Latency:
+    """Latency segments measured one after another (same chain shape) as one."""
+    first = parts[0]
+    return Latency(first.label, [ms for p in parts for ms in p.samples],
+                   [[ms for p in parts for ms in p.hops[i]] for i in range(len(first.hops))],
+                   sum(p.sent for p in parts), sum(p.missing for p in parts))
+
+
 def _key(r: Any) -> bytes:
     return bytes(r.key)
 
 
-async def raw_latency(bench: Bench, rate: float, seconds: float, warmup_s: float) -> Latency:
-    """(d) The raw relay, one hop, at a paced ``rate``."""
-    source, dest = "rawd.in", "rawd.out"
-    await apply_topics(bench.bootstrap, [source, dest], partitions=1, replication_factor=1)
-    relay = _relay(bench, "relay-d", source, dest)
+async def raw_latency(bench: Bench, rate: float, seconds: float, warmup_s: float,
+                      tag: str = "") -> Latency:
+    """(d) The raw relay at a paced ``rate``: two relays in a chain (input -> relay -> middle
+    -> relay -> output), so the broker serves two consumed hops at once, as it does for the
+    fabric's router and step hops. (The embedded broker's fetch lists every record batch of
+    the partition it reads, so its cost grows with each consumed partition's length; one raw
+    hop against the fabric's two would put that growth on one side only.)"""
+    source, middle, dest = f"rawd{tag}.in", f"rawd{tag}.mid", f"rawd{tag}.out"
+    await apply_topics(bench.bootstrap, [source, middle, dest], partitions=1,
+                       replication_factor=1)
+    relays = [_relay(bench, f"relay{tag}-d1", source, middle),
+              _relay(bench, f"relay{tag}-d2", middle, dest)]
     try:
-        await wait_for_log(relay, READY, 60.0)
+        for relay in relays:
+            await wait_for_log(relay, READY, 60.0)
         return await _paced_latency(
-            bench, "raw hop", [(source, _key), (dest, _key)], rate=rate, seconds=seconds,
-            warmup_s=warmup_s, key_prefix="r", make=_raw,
-            probe=lambda i: (b"probe", b"{}", []), alive=lambda: relay.popen.poll() is None)
+            bench, "raw hop", [(source, _key), (middle, _key), (dest, _key)], rate=rate,
+            seconds=seconds, warmup_s=warmup_s, key_prefix="r", make=_raw,
+            probe=lambda i: (b"probe", b"{}", []),
+            alive=lambda: all(r.popen.poll() is None for r in relays))
     finally:
-        await bench.children.astop(relay)
+        for relay in relays:
+            await bench.children.astop(relay)
 
 
 async def fabric_latency(bench: Bench, prefix: str, rate: float, seconds: float,

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.latency_series [--latency-seconds 20]
 
 Runs ``bench.suite --cases d`` (writing its report to a scratch folder, not docs/) and
-prints, for the raw relay and for the fabric, the p50/p99 of the first hop in each window.
+prints, for the raw relays and for the fabric, the p50/p99 of the first hop in each window.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--latency-seconds", type=float, default=20.0)
     p.add_argument("--rate", type=float, default=200.0)
+    p.add_argument("--segments", type=int, default=1,
+                   help="segments on fresh topics (1: one long run, to see the growth)")
     args = p.parse_args(argv)
     raw_latency, fabric_latency = cases.raw_latency, cases.fabric_latency
 
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     cases.raw_latency, cases.fabric_latency = raw, fabric
     with tempfile.TemporaryDirectory() as scratch:
         suite.main(["--cases", "d", "--latency-seconds", str(args.latency_seconds),
-                    "--rate", str(args.rate), "--docs-dir", scratch])
+                    "--rate", str(args.rate), "--latency-segments", str(args.segments),
+                    "--docs-dir", scratch])
 
 
 if __name__ == "__main__":

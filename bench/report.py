@@ -24,12 +24,13 @@ class Target:
 
 @dataclass
 class Hop:
-    raw: float  # the raw relay's one hop
+    raw: float  # a raw relay hop (the two relays' hops pooled)
     fabric: float  # one fabric hop (router and step hops pooled)
     added: float  # fabric - raw: the figure the target is about
     each: list[float]  # router hop, step hop
     end_to_end: float  # trigger to result, two hops
     half_e2e_added: float  # end_to_end / 2 - raw: the cruder estimate, for comparison
+    raw_each: list[float]  # first relay, second relay
 
 
 @dataclass
@@ -76,11 +77,11 @@ class Report:
         raw, fab = self.raw_latency, self.fabric_latency
         if not (raw and fab and raw.samples and fab.samples):
             return None
-        raw_q = percentile(raw.samples, q)
+        raw_q = percentile([ms for hop in raw.hops for ms in hop], q)  # relays pooled
         fabric_q = percentile([ms for hop in fab.hops for ms in hop], q)
         e2e_q = percentile(fab.samples, q)
         return Hop(raw_q, fabric_q, fabric_q - raw_q, [percentile(h, q) for h in fab.hops],
-                   e2e_q, e2e_q / 2 - raw_q)
+                   e2e_q, e2e_q / 2 - raw_q, [percentile(h, q) for h in raw.hops])
 
     def targets(self) -> list[Target]:
         out = []
@@ -143,7 +144,9 @@ def rows(r: Report) -> list[tuple[str, str, str, str]]:
     for q in (50, 99):
         hop = r.hop(q)
         if hop is not None and r.raw_latency and r.fabric_latency:
-            detail = (f"raw hop {hop.raw:.0f} ms; fabric hop {hop.fabric:.0f} ms (router "
+            detail = (f"raw hop {hop.raw:.0f} ms (relays "
+                      f"{', '.join(f'{ms:.0f}' for ms in hop.raw_each)}); "
+                      f"fabric hop {hop.fabric:.0f} ms (router "
                       f"{hop.each[0]:.0f}, step {hop.each[1]:.0f}); fabric end to end "
                       f"{hop.end_to_end:.0f} ms for 2 hops, so e2e/2 - raw = "
                       f"{hop.half_e2e_added:.1f} ms; {len(r.raw_latency.samples):,} raw / "
@@ -270,15 +273,26 @@ read back after each case, so no measuring consumer competes for the two cores w
   window. It is the most (b) could reach on this machine with Avro envelopes and this
   engine, measured like (b).
 - **(d) latency added per hop.** Messages are sent on an absolute schedule at 200 messages/s
-  (no drift, no waiting for acknowledgements) through the raw relay (one hop: input topic ->
-  relay -> output topic) and, separately, through a worker running the no-op one-step workflow
-  (two hops: trigger -> router -> step topic, then step topic -> step -> result topic). The
+  (no drift, no waiting for acknowledgements) through two raw relays in a chain (two hops:
+  input topic -> relay -> middle topic -> relay -> output topic) and, separately, through a
+  worker running the no-op one-step workflow (two hops: trigger -> router -> step topic, then
+  step topic -> step -> result topic). Both sides are two consumed hops because the embedded
+  broker's cost grows with what it serves: its fetch lists every record batch of the
+  partition it reads (Tansu 0.6 `memory://`, `dynostore.rs` `fetch`), so its CPU grows
+  through a run with each consumed partition's length (decision 0014 has the figures); a
+  one-hop baseline against two fabric hops would put twice that growth on the fabric's side.
+  For the same reason the measured seconds are split into segments (full run: four of 5 s,
+  raw and fabric alternating), each on fresh topics with its own relays or worker, and the
+  segments' samples are pooled: a partition then holds at most about 1,400 records. (A real
+  Kafka finds a fetch's offset through the segment's offset index, so its fetch cost does
+  not grow with the partition's length.) `python -m bench.latency_series`
+  runs one unsegmented 20 s run and prints its p50/p99 per 2 s window, to see the growth. The
   first seconds are a warm-up and are not counted. Each message's hops are read from its record
   timestamps on consecutive topics, so a fabric hop is measured exactly like the raw hop: from
   the moment its input was produced to the moment its output was produced. The latency **added
   per hop** at percentile q is `fabric_hop_q - raw_hop_q`, where `fabric_hop_q` is the q-th
   percentile of the router and step hops pooled (each shown separately too) and `raw_hop_q`
-  that of the relay's hops. The table also shows the cruder estimate
+  that of the two relays' hops pooled. The table also shows the cruder estimate
   `fabric_end_to_end_q / 2 - raw_hop_q`: at p50 it agrees, but at p99 it flatters the fabric,
   because the tail of a sum
   of two independent waits is less than twice the tail of one (on the embedded broker each hop

@@ -45,10 +45,12 @@ CASES = "a,b0,b,c,d,e0,e,f"
 def _sizes(args: argparse.Namespace) -> None:
     """Fill unset sizes with the full or the quick defaults."""
     full = {"raw_messages": 200_000, "runs": 20_000, "llm_runs": 5_000, "backlog": 100_000,
-            "latency_seconds": 20.0, "warmup_seconds": 2.0, "e0_seconds": 15.0,
+            "latency_seconds": 20.0, "latency_segments": 4, "warmup_seconds": 2.0,
+            "e0_seconds": 15.0,
             "cap_seconds": 60.0, "memory_seconds": 40.0}
     quick = {"raw_messages": 50_000, "runs": 2_000, "llm_runs": 600, "backlog": 20_000,
-             "latency_seconds": 3.0, "warmup_seconds": 1.0, "e0_seconds": 5.0,
+             "latency_seconds": 3.0, "latency_segments": 1, "warmup_seconds": 1.0,
+             "e0_seconds": 5.0,
              "cap_seconds": 15.0, "memory_seconds": 10.0}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backlog", type=int, help="(f) backlog preloaded (full: 100,000)")
     p.add_argument("--rate", type=float, default=200.0, help="(d) paced messages/s (200)")
     p.add_argument("--latency-seconds", type=float, help="(d) measured seconds per side (20)")
+    p.add_argument("--latency-segments", type=int,
+                   help="(d) segments the measured seconds are split into, each on fresh "
+                        "topics (full: 4)")
     p.add_argument("--warmup-seconds", type=float, help="(d), (e0) warm-up not counted (2)")
     p.add_argument("--e0-seconds", type=float, help="(e0) measured seconds (15)")
     p.add_argument("--cap-seconds", type=float,
@@ -135,15 +140,7 @@ async def run_cases(args: argparse.Namespace, bench: Bench, rep: Report) -> None
                                                   args.cap_seconds, args.partitions)
         _say(f"    {rep.noop3.rate:,.1f} runs/s")
     if "d" in chosen:
-        _say(f"(d) latency at {args.rate:.0f} msg/s: raw relay, {args.latency_seconds:.0f} s")
-        rep.raw_latency = await cases.raw_latency(bench, args.rate, args.latency_seconds,
-                                                  args.warmup_seconds)
-        _say(f"(d) latency at {args.rate:.0f} msg/s: fabric, {args.latency_seconds:.0f} s")
-        rep.fabric_latency, rep.fabric_latency_stop = await cases.fabric_latency(
-            bench, "bd", args.rate, args.latency_seconds, args.warmup_seconds, args.partitions)
-        hop = rep.hop(99)
-        if hop:
-            _say(f"    p99 added per hop {hop.added:.1f} ms")
+        await run_latency(args, bench, rep)
     if "e0" in chosen or "e" in chosen:
         await run_model_cases(args, bench, rep, chosen)
     if "f" in chosen:
@@ -152,6 +149,31 @@ async def run_cases(args: argparse.Namespace, bench: Bench, rep: Report) -> None
         rep.memory = await cases.fabric_memory(bench, "bf", args.backlog, args.memory_seconds,
                                                args.partitions)
         _say(f"    max RSS {rep.memory.max_rss_mb:,.0f} MB")
+
+
+async def run_latency(args: argparse.Namespace, bench: Bench, rep: Report) -> None:
+    """(d) in ``--latency-segments`` segments, raw and fabric alternating, each on fresh
+    topics (the embedded broker's fetch cost grows with a partition's length: decision
+    0014); the segments' samples are pooled."""
+    segments = max(1, args.latency_segments)
+    each = args.latency_seconds / segments
+    raw, fabric = [], []
+    for i in range(segments):
+        tag = f"{i}" if segments > 1 else ""
+        _say(f"(d) latency at {args.rate:.0f} msg/s, segment {i + 1}/{segments}: raw relays, "
+             f"{each:.0f} s")
+        raw.append(await cases.raw_latency(bench, args.rate, each, args.warmup_seconds, tag))
+        _say(f"(d) latency at {args.rate:.0f} msg/s, segment {i + 1}/{segments}: fabric, "
+             f"{each:.0f} s")
+        latency, stopped = await cases.fabric_latency(
+            bench, f"bd{tag}", args.rate, each, args.warmup_seconds, args.partitions)
+        fabric.append(latency)
+        if stopped != "exit code 0" or not rep.fabric_latency_stop:
+            rep.fabric_latency_stop = stopped
+    rep.raw_latency, rep.fabric_latency = cases.merged(raw), cases.merged(fabric)
+    hop = rep.hop(99)
+    if hop:
+        _say(f"    p99 added per hop {hop.added:.1f} ms")
 
 
 async def run_model_cases(args: argparse.Namespace, bench: Bench, rep: Report,

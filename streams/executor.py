@@ -51,6 +51,9 @@ class Job:
     when the run first failed at this step (a retry) and ``due_ms`` when a held retry is due.
     ``replay_of`` is the dead letter a replayed record came from; ``approval_of`` the
     hand-off whose approval runs a step again (both are lineages: their own dedupe keys).
+    ``pure`` says running the job has no effect beyond the messages it returns (routing a
+    trigger, a transform): it runs without a lease, and its output is settled afterwards in
+    one round trip (the first output stored still wins).
     """
 
     message: AvroModel
@@ -63,6 +66,7 @@ class Job:
     due_ms: int | None = None
     replay_of: str | None = None
     approval_of: str | None = None
+    pure: bool = False
 
 
 # a sink executor's ``execute_batch``: writes the jobs of one fetched batch, in order

@@ -11,6 +11,11 @@ then only that they were acknowledged. A redelivered message whose output was ac
 emits nothing again; one whose output was stored but not acknowledged re-emits exactly the
 stored bytes, so a step's side effects and its output happen once per key even across
 crashes.
+
+A *pure* job (no effect beyond its output: routing a trigger, a transform) skips the claim
+and the lease: it runs, then *settles* in one round trip, where what another run of the key
+left (a stored or acknowledged output, a completed unit of work) wins over its own output.
+Running it twice is harmless; sending twice is what the store prevents.
 """
 
 from __future__ import annotations
@@ -131,6 +136,13 @@ class EmissionStore(Protocol):
         """Store ``messages`` unless another output was stored first (then return that),
         mark ``done_key`` done, and drop ``token``'s lease."""
 
+    async def settle(self, key: str, messages: list[Outgoing], done_key: str | None,
+                     mark_done: bool) -> Claim | None:
+        """For a pure job, run without a claim or lease: what another run of ``key`` left
+        wins (its stored output, ``acked``, or ``done`` if ``done_key`` is marked); else
+        store ``messages`` and, with ``mark_done``, mark ``done_key`` done. One round trip
+        where claim-then-publish takes two."""
+
     async def renew(self, leases: dict[str, str], lease_ms: int) -> set[str]:
         """Extend the leases (key -> token); returns the keys whose lease was lost."""
 
@@ -164,6 +176,15 @@ if KEYS[2] ~= '' then redis.call('SET', KEYS[2], '1', 'EX', ARGV[2]) end
 if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
 if won then return false end
 return redis.call('GET', KEYS[1])
+"""
+# KEYS: emitted, done. ARGV: value, ttl s, mark done ('1' or '').
+_SETTLE = """
+local entry = redis.call('GET', KEYS[1])
+if entry then return {1, entry} end
+if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return {2, ''} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if KEYS[2] ~= '' and ARGV[3] == '1' then redis.call('SET', KEYS[2], '1', 'EX', ARGV[2]) end
+return {0, ''}
 """
 # KEYS: lease. ARGV: token, lease ms.
 _RENEW = """
@@ -212,6 +233,15 @@ class RedisEmissionStore:
                          self._lease + key], [_pending(messages),
                                               self._ttl_s, token])])
         return _claim_of(winner) if winner else None
+
+    async def settle(self, key: str, messages: list[Outgoing], done_key: str | None,
+                     mark_done: bool) -> Claim | None:
+        [(code, detail)] = await self._script(
+            _SETTLE, [([self._prefix + key, self._done + done_key if done_key else ""],
+                       [_pending(messages), self._ttl_s, "1" if mark_done else ""])])
+        if code == 1:
+            return _claim_of(detail)
+        return Claim("done") if code == 2 else None
 
     async def renew(self, leases: dict[str, str], lease_ms: int) -> set[str]:
         items = list(leases.items())
@@ -272,6 +302,18 @@ class MemoryEmissionStore:
             out, acked = self.entries[key]
             return Claim("acked") if acked else Claim("stored", _load(out))
         self.entries[key] = (_dump(messages), False)
+        return None
+
+    async def settle(self, key: str, messages: list[Outgoing], done_key: str | None,
+                     mark_done: bool) -> Claim | None:
+        if key in self.entries:
+            out, acked = self.entries[key]
+            return Claim("acked") if acked else Claim("stored", _load(out))
+        if done_key is not None and done_key in self.done:
+            return Claim("done")
+        self.entries[key] = (_dump(messages), False)
+        if done_key is not None and mark_done:
+            self.done.add(done_key)
         return None
 
     async def renew(self, leases: dict[str, str], lease_ms: int) -> set[str]:

@@ -213,7 +213,9 @@ class Dedupe:
     letter of a step that has since completed) sends nothing; a stored output is re-sent as
     it was; otherwise the record takes a lease (waiting while another worker holds it) and
     runs. Its output, dead letters included, is published before it is sent, and the first
-    output published wins: a record that lost its lease re-sends the winner's bytes."""
+    output published wins: a record that lost its lease re-sends the winner's bytes.
+    A pure job (``Job.pure``) runs without claim or lease and settles its output afterwards
+    in one round trip, with the same outcome: what was stored or done first wins."""
 
     def __init__(self, store: EmissionStore, lease_ttl_s: float = 30.0,
                  landed: LandedCheck | None = None) -> None:
@@ -232,6 +234,9 @@ class Dedupe:
         key = job.dedupe_key if job else None
         if job is None or key is None:
             await after(work)
+            return
+        if job.pure:
+            await self._settle(work, key, after)
             return
         record = work.record  # the same record tried again in place holds the same lease
         token = f"{self.instance}:{record.topic}:{record.partition}:{record.offset}"
@@ -263,6 +268,20 @@ class Dedupe:
                 return
             work.outputs = await self._unsent(work, key, winner)
         work.ack_key = key
+
+    async def _settle(self, work: Pass, key: str, after: Next) -> None:
+        """A pure job: run it, then keep its output unless another run's came first."""
+        job = work.job
+        assert job is not None
+        await after(work)
+        found = await self.store.settle(key, work.outputs, job.done_key,
+                                        work.error is None and not work.retried)
+        if found is None:
+            work.ack_key = key
+        elif found.state == "stored":
+            work.outputs, work.ack_key = await self._unsent(work, key, found), key
+        else:  # acknowledged, or the unit of work completed: nothing to send
+            work.outputs = []
 
     async def _unsent(self, work: Pass, key: str, claim: Claim) -> list[Outgoing]:
         """Of a stored output, what is not on the broker yet (``streams.landed``): a worker

@@ -130,6 +130,9 @@ class StepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind_name: ClassVar[str]
+    # a kind whose run has no effect beyond its output (no model, tool or store call), so
+    # running it twice is harmless: the runtime runs it without a lease
+    pure: ClassVar[bool] = False
 
     id: str = Field(pattern=STEP_ID_PATTERN)
     kind: str

@@ -28,6 +28,7 @@ class BranchCase(BranchDefault):
 
 @register_step_kind("branch")
 class BranchStep(StepSpec):
+    pure = True
     cases: list[BranchCase] = Field(min_length=1)
     default: BranchDefault = Field(default_factory=BranchDefault)
     _conditions: list[Expression] = PrivateAttr(default_factory=list)

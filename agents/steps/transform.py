@@ -18,6 +18,7 @@ __all__ = ["TransformStep"]
 
 @register_step_kind("transform")
 class TransformStep(StepSpec):
+    pure = True
     output: Any
     _output: Template = PrivateAttr()
 

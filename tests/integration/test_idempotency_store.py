@@ -110,3 +110,29 @@ async def test_publishing_releases_the_lease_and_renewal_reports_lost_leases(
     await store.publish("c4", [], "me", None)
     assert await store.renew({"c4": "me"}, 5_000) == {"c4"}, "published: the lease is gone"
     assert (await store.claim("c5", None, "you", 5_000)).state == "leased"
+
+
+async def test_settle_stores_once_and_then_returns_what_was_left(store: EmissionStore) -> None:
+    assert await store.settle("s1", MESSAGES, "d-s1", True) is None
+    assert await store.recall("s1") == (MESSAGES, False)
+    again = await store.settle("s1", [], "d-s1", True)
+    assert again is not None
+    assert again.state == "stored"
+    assert again.outputs == MESSAGES, "the first output stored must win"
+    await store.acknowledge("s1")
+    acked = await store.settle("s1", [], "d-s1", True)
+    assert acked is not None
+    assert acked.state == "acked"
+    # the unit of work is done: another attempt's key (a replay) settles nothing
+    done = await store.settle("s1:replay:x", MESSAGES, "d-s1", True)
+    assert done is not None
+    assert done.state == "done"
+    assert await store.recall("s1:replay:x") == (None, False)
+
+
+async def test_settle_of_a_failed_attempt_leaves_the_work_undone(store: EmissionStore) -> None:
+    assert await store.settle("s2:1", MESSAGES, "d-s2", False) is None
+    assert await store.settle("s2:2", MESSAGES, "d-s2", True) is None, "marked done too early"
+    stale = await store.settle("s2:3", MESSAGES, "d-s2", True)
+    assert stale is not None
+    assert stale.state == "done"

@@ -157,3 +157,42 @@ steps:
         message = after
     with pytest.raises(PermanentError, match="has executed 5 steps"):
         await engine.advance(message)
+
+
+async def test_only_effect_free_steps_are_pure() -> None:
+    """A transform or branch outside a parallel branch runs without a lease; a tool step, a
+    cached step, a step inside a parallel branch (it may join) and every step of a recorded
+    workflow take one."""
+    flow = yaml.safe_load("""
+name: mixed
+version: 1
+trigger: {source: crm, event_types: [mix]}
+steps:
+  - {id: shape, kind: transform, output: {domain: "{{ input.domain }}"}}
+  - id: pick
+    kind: branch
+    cases: [{when: "input.domain == 'x'", next: lookup}]
+  - {id: lookup, kind: tool, tool: crm.get_account, args: {domain: "{{ input.domain }}"}}
+  - {id: fan, kind: parallel, branches: [left, right], join: after}
+  - {id: left, kind: transform, output: 1, next: after}
+  - {id: right, kind: transform, output: 1, next: after}
+  - {id: after, kind: transform, output: 2, cache: {ttl_s: 60}}
+""")
+    engine = Engine(WorkflowSet([parse_workflow(flow, "mixed.yaml")]), sample_tools())
+    [first] = engine.start(TriggerEvent(source="crm", event_type="mix",
+                                        payload={"domain": "contoso.com"}))
+    at = {step: first.model_copy(update={"step": step})
+          for step in ("shape", "pick", "lookup", "fan", "after")}
+    assert engine.is_pure(at["shape"])
+    assert engine.is_pure(at["pick"])
+    assert not engine.is_pure(at["lookup"])
+    assert not engine.is_pure(at["fan"])
+    assert not engine.is_pure(at["after"]), "a cached step writes the cache"
+    branch, _ = (await engine.run_step(at["fan"])).emitted
+    assert isinstance(branch, StepMessage)
+    assert branch.step == "left"
+    assert branch.frames
+    assert not engine.is_pure(branch), "a step inside a parallel branch may join"
+    assert not engine.is_pure(first.model_copy(update={"workflow": "ghost"}))
+    engine.record_all = True
+    assert not engine.is_pure(at["shape"]), "a recorded step writes its recording"

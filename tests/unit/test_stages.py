@@ -19,7 +19,7 @@ from agentfabric.errors import (
     UnavailableError,
 )
 from schemas.models import DeadLetter, StepMessage
-from schemas.serde import decode
+from schemas.serde import decode, encode
 from streams.executor import Emit, Job
 from streams.idempotency import MemoryEmissionStore
 from streams.kafka import Outgoing
@@ -69,8 +69,10 @@ class FakeExecutor:
 
     def __init__(self, run: Run = forward, *, timeout_s: float = 5.0, attempt: int = 1,
                  max_attempts: int = 3, decode_error: Exception | None = None,
-                 **input_: object) -> None:
+                 pure: bool = False, done_key: str | None = None, **input_: object) -> None:
         self.run = run
+        self.pure = pure
+        self.done_key = done_key
         self.timeout_s = timeout_s
         self.message = message(attempt, **input_)
         self.max_attempts = max_attempts
@@ -86,7 +88,7 @@ class FakeExecutor:
         if self.decode_error is not None:
             raise self.decode_error
         return Job(message=self.message, dedupe_key=self.dedupe_key, timeout_s=self.timeout_s,
-                   subject=self.message)
+                   subject=self.message, pure=self.pure, done_key=self.done_key)
 
     async def execute(self, job: Job) -> Sequence[Emit]:
         self.executed.append(job)
@@ -399,3 +401,56 @@ async def test_a_decoder_bug_is_an_internal_error_dead_letter(
     letter = letter_of(producer.sent[0])
     assert letter.error_type == "InternalError"
     assert "IndexError: list index out of range" in letter.reason
+
+
+async def test_a_pure_job_runs_without_a_lease_and_settles_its_output(
+        store: MemoryEmissionStore) -> None:
+    executor, producer = FakeExecutor(pure=True, done_key="step:run-1:work:0"), FakeProducer()
+    # a lease another worker holds does not stop a pure job (running it twice is harmless)
+    assert (await store.claim(executor.dedupe_key, None, "other", 60_000)).state == "leased"
+    work = await run_through(executor, producer, store)
+    assert len(executor.executed) == 1
+    assert [step_of(m).step for m in producer.sent] == ["after"]
+    assert work.ack_key == executor.dedupe_key
+    assert store.entries[executor.dedupe_key][1] is True, "not acknowledged"
+    assert "step:run-1:work:0" in store.done
+
+
+async def test_a_pure_job_sends_the_output_stored_first_not_its_own(
+        store: MemoryEmissionStore) -> None:
+    """Another run of the key stored its output and died before sending it: the pure job
+    runs, but sends those stored bytes, so the output on the broker is the first one."""
+    earlier = message().model_copy(update={"step": "stored-first"})
+    value, headers = encode(earlier)
+    stored = [Outgoing(NEXT, b"run-1", value, tuple(headers))]
+    executor, producer = FakeExecutor(pure=True), FakeProducer()
+    await store.remember(executor.dedupe_key, stored)
+    work = await run_through(executor, producer, store)
+    assert len(executor.executed) == 1
+    assert [step_of(m).step for m in producer.sent] == ["stored-first"]
+    assert work.ack_key == executor.dedupe_key
+
+
+@pytest.mark.parametrize("left", ["acked", "done"])
+async def test_a_pure_job_sends_nothing_when_its_work_was_done(
+        store: MemoryEmissionStore, left: str) -> None:
+    executor, producer = FakeExecutor(pure=True, done_key="visit"), FakeProducer()
+    if left == "acked":
+        await store.acknowledge(executor.dedupe_key)
+    else:
+        store.done.add("visit")  # e.g. a replayed dead letter of a visit that completed
+    work = await run_through(executor, producer, store)
+    assert producer.calls == []
+    assert work.outputs == []
+    assert work.ack_key is None
+    assert executor.dedupe_key not in store.entries or left == "acked"
+
+
+async def test_a_failed_pure_job_does_not_mark_its_work_done(store: MemoryEmissionStore) -> None:
+    async def flaky(job: Job) -> Sequence[Emit]:
+        raise TransientError("not yet")
+
+    executor, producer = FakeExecutor(flaky, pure=True, done_key="visit"), FakeProducer()
+    await run_through(executor, producer, store)
+    assert [m.topic for m in producer.sent] == [TOPIC], "the retry was not sent"
+    assert "visit" not in store.done

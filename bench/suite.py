@@ -151,6 +151,11 @@ async def run_cases(args: argparse.Namespace, bench: Bench, rep: Report) -> None
         _say(f"    max RSS {rep.memory.max_rss_mb:,.0f} MB")
 
 
+def _hop_pcts(lat: cases.Latency) -> str:
+    pooled = [ms for hop in lat.hops for ms in hop]
+    return f"{cases.percentile(pooled, 50):.0f}/{cases.percentile(pooled, 99):.0f} ms"
+
+
 async def run_latency(args: argparse.Namespace, bench: Bench, rep: Report) -> None:
     """(d) in ``--latency-segments`` segments, raw and fabric alternating, each on fresh
     topics (the embedded broker's fetch cost grows with a partition's length: decision
@@ -163,11 +168,13 @@ async def run_latency(args: argparse.Namespace, bench: Bench, rep: Report) -> No
         _say(f"(d) latency at {args.rate:.0f} msg/s, segment {i + 1}/{segments}: raw relays, "
              f"{each:.0f} s")
         raw.append(await cases.raw_latency(bench, args.rate, each, args.warmup_seconds, tag))
+        _say(f"    raw hop p50/p99 {_hop_pcts(raw[-1])}")
         _say(f"(d) latency at {args.rate:.0f} msg/s, segment {i + 1}/{segments}: fabric, "
              f"{each:.0f} s")
         latency, stopped = await cases.fabric_latency(
             bench, f"bd{tag}", args.rate, each, args.warmup_seconds, args.partitions)
         fabric.append(latency)
+        _say(f"    fabric hop p50/p99 {_hop_pcts(latency)}")
         if stopped != "exit code 0" or not rep.fabric_latency_stop:
             rep.fabric_latency_stop = stopped
     rep.raw_latency, rep.fabric_latency = cases.merged(raw), cases.merged(fabric)

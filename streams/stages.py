@@ -278,7 +278,10 @@ class Dedupe:
                                         work.error is None and not work.retried)
         if found is None:
             work.ack_key = key
-        elif found.state == "stored":
+            return
+        # another run's outcome stands: this run's failure, if any, goes with its output
+        work.error, work.retried, work.failure, work.notes, work.emits = None, False, None, [], ()
+        if found.state == "stored":
             work.outputs, work.ack_key = await self._unsent(work, key, found), key
         else:  # acknowledged, or the unit of work completed: nothing to send
             work.outputs = []
@@ -291,14 +294,19 @@ class Dedupe:
             return outputs
         # (bounded: the clock that stamped it may be ahead of this one)
         wait_ms = min(claim.stored_ms + SETTLE_MS - int(time.time() * 1000), SETTLE_MS)
-        if wait_ms > 0:
-            await asyncio.sleep(wait_ms / 1000)
-            stored, acked = await self.store.recall(key)
-            if acked:
-                return []
-            if stored is None:  # forgotten: the broker refused it and its sender dead-
-                return []       # lettered the record, or a replay cleared it
-            outputs = stored
+        if wait_ms > 0:  # looked at again and again (from 20 ms), until it is marked sent
+            deadline, pause = time.monotonic() + wait_ms / 1000, 0.02
+            while True:
+                await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+                stored, acked = await self.store.recall(key)
+                if acked:
+                    return []
+                if stored is None:  # forgotten: the broker refused it and its sender dead-
+                    return []       # lettered the record, or a replay cleared it
+                outputs = stored
+                if time.monotonic() >= deadline:
+                    break
+                pause *= 2
         missing = await self.landed.missing(outputs, claim.stored_ms)
         if len(missing) < len(outputs):
             log.info("%s: %d of %d stored outputs of %s are on the broker already; sending "

@@ -21,7 +21,8 @@ from agentfabric.errors import (
 from agents.engine import Engine, run_id_for
 from agents.loader import load_workflows, parse_workflow
 from agents.workflow import WorkflowSet
-from schemas.models import RunResult, StepMessage, TriggerEvent, utc_now
+from schemas.models import ParentCall, RunResult, StepMessage, TriggerEvent, utc_now
+from schemas.serde import seal
 from tests.faketools import sample_tools
 
 
@@ -194,5 +195,11 @@ steps:
     assert branch.frames
     assert not engine.is_pure(branch), "a step inside a parallel branch may join"
     assert not engine.is_pure(first.model_copy(update={"workflow": "ghost"}))
+    envelope, schema = seal(first)
+    called = at["shape"].model_copy(update={"parent": ParentCall(
+        envelope=envelope, envelope_schema=schema, step="shape")})
+    assert not engine.is_pure(called), "a called workflow's step may return to its caller"
+    recorded = parse_workflow({**flow, "record": True}, "mixed.yaml")
+    assert not Engine(WorkflowSet([recorded]), sample_tools()).is_pure(at["shape"])
     engine.record_all = True
     assert not engine.is_pure(at["shape"]), "a recorded step writes its recording"

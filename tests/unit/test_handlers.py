@@ -265,3 +265,20 @@ def test_secrets_in_error_messages_never_reach_a_dead_letter() -> None:
     for secret in ("hunter2", "sk-123", "eyJabc"):
         assert secret not in letter.reason
     assert "https://[redacted]@crm.example" in letter.reason
+
+
+async def test_routing_and_pure_steps_are_pure_jobs_and_tool_steps_are_not(
+        engine: Engine) -> None:
+    router = RouterExecutor(engine, NAMES, Settings())
+    trigger = router.decode(record("af.triggers.crm", lead_json()))
+    assert trigger.pure, "routing a trigger has no effect beyond its output"
+    [first] = engine.start(TriggerEvent(source="crm", event_type="lead.created",
+                                        payload={"lead_id": "L1", "email": "a@contoso.com"}))
+    assert first.step == "normalise"
+    value, headers = encode(first)
+    normalise = StepExecutor(engine, NAMES, Settings(), "lead_enrichment", "normalise")
+    assert normalise.decode(record("af.lead_enrichment.normalise", value, headers)).pure
+    enrich = first.model_copy(update={"step": "enrich"})
+    value, headers = encode(enrich)
+    tool = StepExecutor(engine, NAMES, Settings(), "lead_enrichment", "enrich")
+    assert not tool.decode(record("af.lead_enrichment.enrich", value, headers)).pure

@@ -408,7 +408,9 @@ async def test_a_pure_job_runs_without_a_lease_and_settles_its_output(
     executor, producer = FakeExecutor(pure=True, done_key="step:run-1:work:0"), FakeProducer()
     # a lease another worker holds does not stop a pure job (running it twice is harmless)
     assert (await store.claim(executor.dedupe_key, None, "other", 60_000)).state == "leased"
-    work = await run_through(executor, producer, store)
+    async with asyncio.timeout(2):  # a claim would wait out the other worker's lease
+        work = await run_through(executor, producer, store)
+    assert store.leases[executor.dedupe_key][0] == "other", "the pure job took a lease"
     assert len(executor.executed) == 1
     assert [step_of(m).step for m in producer.sent] == ["after"]
     assert work.ack_key == executor.dedupe_key
@@ -440,6 +442,7 @@ async def test_a_pure_job_sends_nothing_when_its_work_was_done(
     else:
         store.done.add("visit")  # e.g. a replayed dead letter of a visit that completed
     work = await run_through(executor, producer, store)
+    assert len(executor.executed) == 1, "a pure job runs first and settles after"
     assert producer.calls == []
     assert work.outputs == []
     assert work.ack_key is None
@@ -454,3 +457,21 @@ async def test_a_failed_pure_job_does_not_mark_its_work_done(store: MemoryEmissi
     await run_through(executor, producer, store)
     assert [m.topic for m in producer.sent] == [TOPIC], "the retry was not sent"
     assert "visit" not in store.done
+
+
+async def test_a_failed_rerun_of_a_pure_job_sends_the_stored_output_as_a_success(
+        store: MemoryEmissionStore) -> None:
+    """The first run stored its output and died before sending it; the rerun fails (e.g.
+    past the run's deadline). The stored output is sent, and this run's failure is not
+    reported with it."""
+    async def late(job: Job) -> Sequence[Emit]:
+        raise PermanentError("run run-1 passed its deadline")
+
+    earlier = message().model_copy(update={"step": "stored-first"})
+    value, headers = encode(earlier)
+    executor, producer = FakeExecutor(late, pure=True), FakeProducer()
+    await store.remember(executor.dedupe_key, [Outgoing(NEXT, b"run-1", value, tuple(headers))])
+    work = await run_through(executor, producer, store)
+    assert [step_of(m).step for m in producer.sent] == ["stored-first"]
+    assert work.error is None
+    assert work.notes == []

@@ -148,8 +148,9 @@ class EmissionStore(Protocol):
 
     async def acknowledge(self, key: str) -> None: ...
 
-    async def forget(self, key: str) -> None:
-        """Drop a stored output that could not be sent, so a replay computes it afresh."""
+    async def forget(self, key: str, done_key: str | None = None) -> None:
+        """Drop a stored output that could not be sent, and the mark of ``done_key`` its
+        publication set, so a replay of the dead letter computes it afresh."""
 
     async def recall(self, key: str) -> Recall:
         """(stored output or None, whether it was acknowledged)."""
@@ -267,8 +268,9 @@ class RedisEmissionStore:
         await self._redis.execute(
             lambda pipe: pipe.set(self._prefix + key, _ACKED, ex=self._ttl_s))
 
-    async def forget(self, key: str) -> None:
-        await self._redis.execute(lambda pipe: pipe.delete(self._prefix + key))
+    async def forget(self, key: str, done_key: str | None = None) -> None:
+        keys = [self._prefix + key, *([self._done + done_key] if done_key else [])]
+        await self._redis.execute(lambda pipe: pipe.delete(*keys))
 
 
 class MemoryEmissionStore:
@@ -337,5 +339,7 @@ class MemoryEmissionStore:
     async def acknowledge(self, key: str) -> None:
         self.entries[key] = (b"", True)
 
-    async def forget(self, key: str) -> None:
+    async def forget(self, key: str, done_key: str | None = None) -> None:
         self.entries.pop(key, None)
+        if done_key is not None:
+            self.done.discard(done_key)

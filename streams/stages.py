@@ -145,7 +145,9 @@ class Acknowledge:
             return
         log.error("%s: %s; dead-lettering %s", work.executor.name, refused.reason, where)
         if work.ack_key is not None:
-            await self.store.forget(work.ack_key)  # a replay computes the output afresh
+            # a replay of the dead letter computes the output afresh: the unit of work is
+            # not done, though publishing the output marked it so
+            await self.store.forget(work.ack_key, work.job.done_key if work.job else None)
             work.ack_key = None
         # the ledger hears of the dead letter, not of what the outputs said
         work.notes = _failure_notes(work, "dead_letter", refused)

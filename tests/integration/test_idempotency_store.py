@@ -136,3 +136,10 @@ async def test_settle_of_a_failed_attempt_leaves_the_work_undone(store: Emission
     stale = await store.settle("s2:3", MESSAGES, "d-s2", True)
     assert stale is not None
     assert stale.state == "done"
+
+
+async def test_forget_drops_the_output_and_the_done_mark(store: EmissionStore) -> None:
+    assert await store.publish("f1", MESSAGES, "me", "d-f1") is None
+    await store.forget("f1", "d-f1")
+    assert await store.recall("f1") == (None, False)
+    assert (await store.claim("f1:replay:x", "d-f1", "me", 5_000)).state == "leased"

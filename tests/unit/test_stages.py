@@ -475,3 +475,22 @@ async def test_a_failed_rerun_of_a_pure_job_sends_the_stored_output_as_a_success
     assert [step_of(m).step for m in producer.sent] == ["stored-first"]
     assert work.error is None
     assert work.notes == []
+
+
+@pytest.mark.parametrize("pure", [False, True])
+async def test_a_refused_output_leaves_its_work_undone_so_a_replay_runs(
+        store: MemoryEmissionStore, pure: bool) -> None:
+    executor = FakeExecutor(pure=pure, done_key="visit")
+    refused = FakeProducer(lambda m: TOO_LARGE if m.topic == NEXT else None)
+    await run_through(executor, refused, store)
+    assert [m.topic for m in refused.sent] == [DLQ]
+    assert "visit" not in store.done, "the unit of work is marked done though nothing was sent"
+
+    # the dead letter replayed (its own dedupe key, the same unit of work) once the limit is
+    # raised: the step runs and its output is sent
+    replay = FakeExecutor(pure=pure, done_key="visit")
+    replay.message = replay.message.model_copy(update={"idempotency_key": "run-1:work:0:r"})
+    producer = FakeProducer()
+    await run_through(replay, producer, store)
+    assert len(replay.executed) == 1
+    assert [m.topic for m in producer.sent] == [NEXT]

@@ -282,9 +282,8 @@ class MemoryEmissionStore:
         self.leases: dict[str, tuple[str, float]] = {}
 
     async def claim(self, key: str, done_key: str | None, token: str, lease_ms: int) -> Claim:
-        if key in self.entries:
-            out, acked = self.entries[key]
-            return Claim("acked") if acked else Claim("stored", _load(out))
+        if (found := self._found(key)) is not None:
+            return found
         if done_key is not None and done_key in self.done:
             return Claim("done")
         now = time.monotonic()
@@ -300,23 +299,28 @@ class MemoryEmissionStore:
             self.done.add(done_key)
         if self.leases.get(key, ("", 0.0))[0] == token:
             del self.leases[key]
-        if key in self.entries:
-            out, acked = self.entries[key]
-            return Claim("acked") if acked else Claim("stored", _load(out))
+        if (found := self._found(key)) is not None:
+            return found
         self.entries[key] = (_dump(messages), False)
         return None
 
     async def settle(self, key: str, messages: list[Outgoing], done_key: str | None,
                      mark_done: bool) -> Claim | None:
-        if key in self.entries:
-            out, acked = self.entries[key]
-            return Claim("acked") if acked else Claim("stored", _load(out))
+        if (found := self._found(key)) is not None:
+            return found
         if done_key is not None and done_key in self.done:
             return Claim("done")
         self.entries[key] = (_dump(messages), False)
         if done_key is not None and mark_done:
             self.done.add(done_key)
         return None
+
+    def _found(self, key: str) -> Claim | None:
+        """What is stored under ``key``: acknowledged, a stored output, or None."""
+        if key not in self.entries:
+            return None
+        out, acked = self.entries[key]
+        return Claim("acked") if acked else Claim("stored", _load(out))
 
     async def renew(self, leases: dict[str, str], lease_ms: int) -> set[str]:
         lost = set()

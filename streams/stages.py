@@ -262,14 +262,12 @@ class Dedupe:
             self.leases.drop(key)
         done_key = job.done_key if work.error is None and not work.retried else None
         winner = await self.store.publish(key, work.outputs, token, done_key)
-        if winner is not None:
-            log.warning("%s: another worker published the output of %s first; sending its "
-                        "output instead", work.executor.name, key)
-            if winner.state == "acked":
-                work.outputs = []
-                return
-            work.outputs = await self._unsent(work, key, winner)
-        work.ack_key = key
+        if winner is None:
+            work.ack_key = key
+            return
+        log.warning("%s: another worker published the output of %s first; sending its "
+                    "output instead", work.executor.name, key)
+        await self._adopt(work, key, winner)
 
     async def _settle(self, work: Pass, key: str, after: Next) -> None:
         """A pure job: run it, then keep its output unless another run's came first."""
@@ -281,11 +279,17 @@ class Dedupe:
         if found is None:
             work.ack_key = key
             return
-        # another run's outcome stands: this run's failure, if any, goes with its output
+        await self._adopt(work, key, found)
+
+    async def _adopt(self, work: Pass, key: str, found: Claim) -> None:
+        """Another run's outcome for ``key`` stands: its stored output is sent (what is not
+        on the broker yet) or, acknowledged or its unit of work completed, nothing is. This
+        run's own outcome goes with it, a failure included, so neither the ledger nor the
+        metrics report a failure whose retry or dead letter was never sent."""
         work.error, work.retried, work.failure, work.notes, work.emits = None, False, None, [], ()
         if found.state == "stored":
             work.outputs, work.ack_key = await self._unsent(work, key, found), key
-        else:  # acknowledged, or the unit of work completed: nothing to send
+        else:
             work.outputs = []
 
     async def _unsent(self, work: Pass, key: str, claim: Claim) -> list[Outgoing]:

@@ -494,3 +494,27 @@ async def test_a_refused_output_leaves_its_work_undone_so_a_replay_runs(
     await run_through(replay, producer, store)
     assert len(replay.executed) == 1
     assert [m.topic for m in producer.sent] == [NEXT]
+
+
+async def test_a_failed_run_that_lost_its_lease_sends_the_winners_output_as_a_success(
+        store: MemoryEmissionStore) -> None:
+    """A step's lease lapsed while it ran, another worker ran the key and stored its output
+    first, then this run failed: the winner's output is sent, and this run's failure
+    (dead letter, ledger note) is not reported with it."""
+    earlier = message().model_copy(update={"step": "stored-first"})
+    value, headers = encode(earlier)
+    winner = [Outgoing(NEXT, b"run-1", value, tuple(headers))]
+    executor = FakeExecutor(done_key="visit")
+
+    async def lost(job: Job) -> Sequence[Emit]:
+        await store.remember(executor.dedupe_key, winner)  # the other worker, meanwhile
+        raise PermanentError("the CRM refused the lead")
+
+    executor.run = lost
+    producer = FakeProducer()
+    work = await run_through(executor, producer, store)
+    assert [step_of(m).step for m in producer.sent] == ["stored-first"]
+    assert work.error is None
+    assert work.failure is None
+    assert work.notes == []
+    assert work.ack_key == executor.dedupe_key

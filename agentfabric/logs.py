@@ -4,7 +4,8 @@ libraries) rendered by structlog, as JSON lines (workers, ingress, servers) or f
 
 The pipeline is a list of plain callables (structlog's convention)::
 
-    merge_contextvars     run_id, workflow, step, tenant, trace_id, consumer bound by the
+    merge_contextvars     fields bound with structlog.contextvars
+    merge_record_fields   run_id, workflow, step, tenant, trace_id, consumer bound by the
                           runtime's log_context stage around each record
     add_log_level, add_logger_name, TimeStamper(iso, UTC)
     ExtraAdder            fields passed as logging's ``extra=``
@@ -30,6 +31,8 @@ from typing import IO, Any, Literal
 import structlog
 from structlog.typing import Processor
 
+from streams.logcontext import merge_record_fields
+
 from .redaction import redact_value
 
 __all__ = ["LogFormat", "configure_logging", "redact_secrets", "shared_processors"]
@@ -53,7 +56,8 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any],
 
 def shared_processors() -> list[Processor]:
     """What every line gets before it is rendered (stdlib and structlog loggers alike)."""
-    return [structlog.contextvars.merge_contextvars, structlog.stdlib.add_log_level,
+    return [structlog.contextvars.merge_contextvars, merge_record_fields,
+            structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.stdlib.ExtraAdder()]

@@ -55,6 +55,11 @@ class Latency:
     sent: int
     missing: int  # sent in the measured window but never came out
 
+    def hop_percentile(self, q: float) -> float:
+        """Percentile ``q`` of every hop's samples pooled (e.g. the two relays of the raw
+        baseline)."""
+        return percentile([ms for hop in self.hops for ms in hop], q)
+
 
 @dataclass
 class LlmResult:

@@ -77,8 +77,7 @@ class Report:
         raw, fab = self.raw_latency, self.fabric_latency
         if not (raw and fab and raw.samples and fab.samples):
             return None
-        raw_q = percentile([ms for hop in raw.hops for ms in hop], q)  # relays pooled
-        fabric_q = percentile([ms for hop in fab.hops for ms in hop], q)
+        raw_q, fabric_q = raw.hop_percentile(q), fab.hop_percentile(q)  # relays pooled
         e2e_q = percentile(fab.samples, q)
         return Hop(raw_q, fabric_q, fabric_q - raw_q, [percentile(h, q) for h in fab.hops],
                    e2e_q, e2e_q / 2 - raw_q, [percentile(h, q) for h in raw.hops])

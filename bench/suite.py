@@ -152,8 +152,7 @@ async def run_cases(args: argparse.Namespace, bench: Bench, rep: Report) -> None
 
 
 def _hop_pcts(lat: cases.Latency) -> str:
-    pooled = [ms for hop in lat.hops for ms in hop]
-    return f"{cases.percentile(pooled, 50):.0f}/{cases.percentile(pooled, 99):.0f} ms"
+    return f"{lat.hop_percentile(50):.0f}/{lat.hop_percentile(99):.0f} ms"
 
 
 async def run_latency(args: argparse.Namespace, bench: Bench, rep: Report) -> None:

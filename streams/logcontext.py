@@ -1,23 +1,54 @@
 """What a record's log lines say about it: the fields bound around its processing (run id,
 workflow, step, tenant, trace id, consumer) and the one line each dead letter gets.
 
-The runtime binds the fields once, in the ``log_context`` stage (``streams.stages``), with
-``structlog.contextvars``; every log line written while the record is processed, by any
-module through the standard ``logging`` module, carries them (``agentfabric.logs`` merges
-them in). Nothing here configures logging.
+The runtime binds the fields once, in the ``log_context`` stage (``streams.stages``), as one
+context variable (:func:`record_fields`: one set and one reset per record, where binding
+each field as its own structlog context variable cost about 7 µs); every log line written
+while the record is processed, by any module through the standard ``logging`` module,
+carries them (``agentfabric.logs`` merges them in, with :func:`merge_record_fields`).
+Nothing here configures logging.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import Any
 
 from schemas.models import DeadLetter
 
 from .executor import Job
 
-__all__ = ["job_fields", "log_dead_letter", "trace_id_of"]
+__all__ = ["job_fields", "log_dead_letter", "merge_record_fields", "record_fields",
+           "trace_id_of"]
 
 log = logging.getLogger("streams.dlq")
+
+_NONE: Mapping[str, str] = MappingProxyType({})
+_bound: ContextVar[Mapping[str, str]] = ContextVar("agentfabric_record_fields", default=_NONE)
+
+
+@contextmanager
+def record_fields(fields: Mapping[str, str]) -> Iterator[None]:
+    """Bind ``fields`` to every log line written in this context (and the tasks it starts)
+    until the block ends."""
+    token = _bound.set(fields)
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+def merge_record_fields(_: Any, __: str, event_dict: MutableMapping[str, Any],
+                        ) -> MutableMapping[str, Any]:
+    """A structlog processor: the bound record's fields, where the line does not set its
+    own."""
+    for name, value in _bound.get().items():
+        event_dict.setdefault(name, value)
+    return event_dict
 
 _FIELDS = ("run_id", "workflow", "step", "tenant")
 

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -84,10 +84,21 @@ class StreamMetrics:
                          "its highwater minus the next offset to finish.",
                          ["group", "topic", "partition"], registry=r)
         self._lag_labels: set[tuple[str, str, str]] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, family: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """``family.labels(*labels)``, looked up once per label set: every record calls this
+        a handful of times, and ``labels`` validates and locks each time. (Not for the lag
+        gauge, whose label sets are removed.)"""
+        key = (id(family), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*labels)
+        return found
 
     def cache(self, workflow: str, step: str, hit: bool) -> None:
         """One step cache lookup (the hook the engine's step cache calls)."""
-        self.step_cache.labels(workflow, step, "hit" if hit else "miss").inc()
+        self.child(self.step_cache, workflow, step, "hit" if hit else "miss").inc()
 
     def topic_kind(self, topic: str) -> str:
         """trigger, retry, approvals, decisions or step: what a consumed topic carries."""
@@ -174,8 +185,8 @@ class Observe:
 
     async def __call__(self, work: Pass, after: Next) -> None:
         m, consumer = self.metrics, work.executor.name
-        m.records_in.labels(consumer, m.topic_kind(work.record.topic)).inc()
-        in_flight = m.in_flight.labels(consumer)
+        m.child(m.records_in, consumer, m.topic_kind(work.record.topic)).inc()
+        in_flight = m.child(m.in_flight, consumer)
         in_flight.inc()
         start = time.perf_counter()
         try:
@@ -187,22 +198,22 @@ class Observe:
     def observe(self, work: Pass, seconds: float) -> None:
         m = self.metrics
         workflow, step, own = _where(work)
-        m.step_seconds.labels(workflow, step).observe(seconds)
+        m.child(m.step_seconds, workflow, step).observe(seconds)
         failure = work.failure or work.error
         if failure is not None:
-            m.step_errors.labels(workflow, step, type(failure).__name__).inc()
+            m.child(m.step_errors, workflow, step, type(failure).__name__).inc()
         if work.retried:
-            m.retries.labels(workflow, step).inc()
+            m.child(m.retries, workflow, step).inc()
         if work.error is not None:
-            m.dead_letters.labels(workflow, step, type(work.error).__name__).inc()
+            m.child(m.dead_letters, workflow, step, type(work.error).__name__).inc()
         for out in work.outputs:
-            m.records_out.labels(workflow, step, m.output_kind(out.topic, work.retried)).inc()
+            m.child(m.records_out, workflow, step, m.output_kind(out.topic, work.retried)).inc()
         if own is not None and work.emits and not work.retried:
             used = spent(own, work.emits)
             if used is not None:
-                m.tokens.labels(workflow, step, own.tenant, "in").inc(used.input_tokens)
-                m.tokens.labels(workflow, step, own.tenant, "out").inc(used.output_tokens)
-                m.cost.labels(workflow, step, own.tenant).inc(used.cost_usd)
+                m.child(m.tokens, workflow, step, own.tenant, "in").inc(used.input_tokens)
+                m.child(m.tokens, workflow, step, own.tenant, "out").inc(used.output_tokens)
+                m.child(m.cost, workflow, step, own.tenant).inc(used.cost_usd)
 
 
 class MetricsServer:

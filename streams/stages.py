@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiokafka import ConsumerRecord
-from structlog.contextvars import bound_contextvars
 
 from agentfabric.errors import (
     AgentFabricError,
@@ -43,7 +42,7 @@ from .idempotency import Claim, EmissionStore
 from .kafka import Outgoing, Producer
 from .landed import LandedCheck
 from .leases import LeaseKeeper
-from .logcontext import job_fields
+from .logcontext import job_fields, record_fields
 from .tolerant import invalid_header_keys
 
 __all__ = ["Next", "Pass", "Pipeline", "Stage", "default_stages", "log_context"]
@@ -196,7 +195,7 @@ async def log_context(work: Pass, after: Next) -> None:
     when it is retried (a dead letter logs its own WARNING line, streams.dlq)."""
     assert work.job is not None
     started = time.perf_counter()
-    with bound_contextvars(**job_fields(work.job, work.executor.name)):
+    with record_fields(job_fields(work.job, work.executor.name)):
         await after(work)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         if work.retried:

@@ -4,6 +4,7 @@ its control sequences removed."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ from agentfabric.tables import dead_letters_table, describe_dead_letter, results
 from schemas.models import DeadLetter, RunResult
 from schemas.serde import decode
 from streams.dlq import dead_letter
+from streams.logcontext import record_fields
 from tests.logcapture import captured_logs
 from tools.gateway.redact import sanitize_error
 
@@ -138,6 +140,30 @@ def test_bound_fields_reach_stdlib_log_lines(log_output: io.StringIO) -> None:
     inside, outside = _lines(log_output)
     assert (inside["run_id"], inside["trace_id"]) == ("r-1", "t" * 32)
     assert "run_id" not in outside
+
+
+async def test_a_records_fields_reach_its_lines_and_those_of_tasks_it_starts(
+        log_output: io.StringIO) -> None:
+    """The runtime's log_context stage binds a record's fields as one context variable: every
+    line inside (a task started inside included) carries them, a field the line sets itself
+    wins, and nothing leaks past the block."""
+    log = logging.getLogger("tests.record")
+
+    async def in_a_task() -> None:
+        log.info("in a task")
+
+    with record_fields({"run_id": "r-2", "step": "score", "consumer": "wf.score"}):
+        log.info("inside")
+        await asyncio.create_task(in_a_task())
+        log.info("own step", extra={"step": "mine"})
+    log.info("outside")
+    inside, task, own, outside = [line for line in _lines(log_output)
+                                  if line["logger"] == "tests.record"]
+    assert (inside["run_id"], inside["step"], inside["consumer"]) == ("r-2", "score", "wf.score")
+    assert task["run_id"] == "r-2"
+    assert (own["step"], own["run_id"]) == ("mine", "r-2")
+    assert "run_id" not in outside
+    assert "consumer" not in outside
 
 
 def test_console_format_is_redacted_too() -> None:

@@ -18,15 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import openai
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentfabric import tracing
 from agentfabric.errors import ConfigError, PermanentError, TransientError
 from schemas.models import Usage
+
+if TYPE_CHECKING:  # the SDK takes ~0.4 s to import: only a process that calls a model does
+    import openai
 
 __all__ = ["ChatResult", "ModelClient", "ModelRegistry", "ModelSpec", "ProviderSpec",
            "RequestedToolCall", "load_registry", "transient"]
@@ -107,6 +109,7 @@ def transient(exc: openai.OpenAIError) -> bool:
     limits, timeouts, conflicts, server errors and lost connections are transient, as is
     anything the server marks ``x-should-retry: true``; other errors (bad request, auth,
     not found, unprocessable) are permanent. These are the SDK's own retry rules."""
+    import openai
     if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -147,6 +150,8 @@ class ModelClient:
         return self._clients[provider_name]
 
     def _new_client(self, provider_name: str) -> openai.AsyncOpenAI:
+        import openai
+
         provider = self.registry.providers[provider_name]
         key = self._env.get(provider.api_key_env, "") if provider.api_key_env else ""
         # the SDK retries 408/409/429/5xx, timeouts and lost connections with jittered
@@ -178,6 +183,8 @@ class ModelClient:
                    tools: list[dict[str, Any]] | None = None,
                    response_format: dict[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> ChatResult:
+        import openai
+
         spec = self.registry.get(model)
         client = await self._loop_client(spec.provider)
         body: dict[str, Any] = {"model": spec.model, "messages": messages}
@@ -225,6 +232,8 @@ class ModelClient:
 
 
 def _describe(exc: openai.OpenAIError) -> str:
+    import openai
+
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code}: {exc.message}"
     return type(exc).__name__

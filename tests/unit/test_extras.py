@@ -113,3 +113,15 @@ def test_a_missing_extra_is_a_config_error() -> None:
     assert "agentfabric[local]" in LOCAL_EXTRA
     assert "agentfabric[minilm]" in MINILM_EXTRA
     assert not issubclass(ConfigError, StackError)
+
+
+@pytest.mark.timeout(60)
+def test_the_cli_does_not_import_the_model_sdk_until_a_model_is_called() -> None:
+    """`agentfabric dlq list` and the other commands start without the openai SDK (about
+    0.4 s of imports); the llm step and the OpenAI embedder import it when they call it."""
+    code = ("import sys, agentfabric.cli, agentfabric.worker, agents.models, "
+            "tools.vectors.embedders; print('openai' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -13,11 +13,12 @@ import asyncio
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
-
-import openai
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from agentfabric.errors import ConfigError, PermanentError, TransientError
+
+if TYPE_CHECKING:  # the SDK takes ~0.4 s to import: only a process that embeds does
+    import openai
 
 __all__ = ["MINILM_DIM", "Embedder", "MiniLMEmbedder", "OpenAIEmbedder"]
 
@@ -102,6 +103,8 @@ class OpenAIEmbedder:
         self._send_dimensions = send_dimensions
 
     async def _batch(self, texts: list[str]) -> list[list[float]]:
+        import openai
+
         extra: dict[str, Any] = {"dimensions": self.dim} if self._send_dimensions else {}
         try:
             response = await self._client.embeddings.create(

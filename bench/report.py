@@ -57,6 +57,9 @@ class Report:
     memory: Memory | None = None
     notes: list[str] = field(default_factory=list)
     load: list[float] = field(default_factory=list)  # 1-min load average at start and end
+    # the machine and the commit as the run began (the report's own files, written at the
+    # end, would otherwise count as uncommitted changes)
+    machine: str = field(default_factory=lambda: machine())
 
     # derived figures --------------------------------------------------------------------
 
@@ -333,7 +336,7 @@ def write_markdown(r: Report, path: Path, chart: Path | None) -> None:
         + (" — **a quick smoke run with small sizes, not the full benchmark**." if r.quick
            else "."),
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {r.machine}.",
         "",
         "Load average (1 min) at the start and the end of the run: "
         + " and ".join(f"{x:.2f}" for x in r.load)

@@ -32,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from agentfabric.errors import UnavailableError
 
 from .dlq import redact
+from .logcontext import detached_task
 
 __all__ = ["PipelinedRedis", "redis_unavailable"]
 
@@ -155,7 +156,7 @@ class PipelinedRedis:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((build, future))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+            self._flusher = detached_task(self._flush(), name="redis-flush")
         return await future
 
     async def _flush(self) -> None:

@@ -16,6 +16,7 @@ import logging
 from agentfabric.errors import UnavailableError
 
 from .idempotency import EmissionStore
+from .logcontext import detached_task
 
 __all__ = ["LeaseKeeper"]
 
@@ -34,7 +35,7 @@ class LeaseKeeper:
         self.held[key] = token
         self.lost.discard(key)
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._renew_loop(), name="lease-keeper")
+            self._task = detached_task(self._renew_loop(), name="lease-keeper")
 
     def drop(self, key: str) -> None:
         self.held.pop(key, None)

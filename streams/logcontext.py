@@ -11,21 +11,23 @@ Nothing here configures logging.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Coroutine, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas.models import DeadLetter
 
 from .executor import Job
 
-__all__ = ["job_fields", "log_dead_letter", "merge_record_fields", "record_fields",
-           "trace_id_of"]
+__all__ = ["detached_task", "job_fields", "log_dead_letter", "merge_record_fields",
+           "record_fields", "trace_id_of"]
 
 log = logging.getLogger("streams.dlq")
+T = TypeVar("T")
 
 _NONE: Mapping[str, str] = MappingProxyType({})
 _bound: ContextVar[Mapping[str, str]] = ContextVar("agentfabric_record_fields", default=_NONE)
@@ -40,6 +42,15 @@ def record_fields(fields: Mapping[str, str]) -> Iterator[None]:
         yield
     finally:
         _bound.reset(token)
+
+
+def detached_task(coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
+    """Start a task shared by many records (a lease keeper, a Redis flush, the audit sink)
+    without the fields of the record that happens to start it: a task copies its creator's
+    context, so it would otherwise log every later line as that one record's."""
+    context = copy_context()
+    context.run(_bound.set, _NONE)
+    return asyncio.get_running_loop().create_task(coro, name=name, context=context)
 
 
 def merge_record_fields(_: Any, __: str, event_dict: MutableMapping[str, Any],

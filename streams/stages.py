@@ -284,8 +284,9 @@ class Dedupe:
         """Another run's outcome for ``key`` stands: its stored output is sent (what is not
         on the broker yet) or, acknowledged or its unit of work completed, nothing is. This
         run's own outcome goes with it, a failure included, so neither the ledger nor the
-        metrics report a failure whose retry or dead letter was never sent."""
-        work.error, work.retried, work.failure, work.notes, work.emits = None, False, None, [], ()
+        metrics report a failure whose retry or dead letter was never sent. What it emitted
+        stays, for the metrics: the tokens and cost it spent were spent all the same."""
+        work.error, work.retried, work.failure, work.notes = None, False, None, []
         if found.state == "stored":
             work.outputs, work.ack_key = await self._unsent(work, key, found), key
         else:

@@ -13,12 +13,14 @@ from prometheus_client import CollectorRegistry
 
 from agentfabric.errors import DecodeError, PermanentError, TransientError
 from schemas.models import StepMessage, Usage
+from schemas.serde import encode
 from streams.executor import Emit, Job
 from streams.idempotency import MemoryEmissionStore
+from streams.kafka import Outgoing
 from streams.metrics import Observe, StreamMetrics, spent
 from streams.stages import Pass, Pipeline, default_stages
 
-from .test_stages import FakeExecutor, FakeProducer, Run, record
+from .test_stages import FakeExecutor, FakeProducer, Run, record, step_of
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -232,3 +234,32 @@ async def test_the_ingress_serves_its_own_registry() -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     assert "process_cpu_seconds_total" in response.text
+
+
+async def test_a_run_that_lost_its_lease_still_counts_the_tokens_it_spent() -> None:
+    """Its lease lapsed while the model answered and another worker stored its output first:
+    the winner's output is sent, but this run's model call was made and paid for."""
+    registry, metrics = registry_and_metrics()
+    store = MemoryEmissionStore()
+    spend = emitting("af.wf.after", used=Usage(input_tokens=70, output_tokens=7,
+                                                 cost_usd=0.001))
+    executor = FakeExecutor()
+    winner = executor.message.model_copy(update={"step": "stored-first"})
+
+    async def lost(job: Job) -> Sequence[Emit]:
+        value_, headers = encode(winner)
+        await store.remember(executor.dedupe_key, [Outgoing("af.wf.after", b"run-1", value_,
+                                                            tuple(headers))])
+        return await spend(job)
+
+    executor.run = lost
+    executor.message = executor.message.model_copy(update={"tenant": "acme"})
+    producer = FakeProducer()
+    stages = default_stages(producer, store, observe=Observe(metrics))  # type: ignore[arg-type]
+    await Pipeline(executor, stages).run(record())
+
+    assert [step_of(m).step for m in producer.sent] == ["stored-first"]
+    assert value(registry, "agentfabric_tokens_total", workflow="wf", step="work",
+                 tenant="acme", direction="in") == 70
+    assert value(registry, "agentfabric_cost_usd_total", workflow="wf", step="work",
+                 tenant="acme") == pytest.approx(0.001)

@@ -29,6 +29,7 @@ from agentfabric.tables import dead_letters_table, describe_dead_letter, results
 from schemas.models import DeadLetter, RunResult
 from schemas.serde import decode
 from streams.dlq import dead_letter
+from streams.leases import LeaseKeeper
 from streams.logcontext import record_fields
 from tests.logcapture import captured_logs
 from tools.gateway.redact import sanitize_error
@@ -156,14 +157,61 @@ async def test_a_records_fields_reach_its_lines_and_those_of_tasks_it_starts(
         log.info("inside")
         await asyncio.create_task(in_a_task())
         log.info("own step", extra={"step": "mine"})
+        structlog.get_logger("tests.record").bind(step="bound").info("structlog own step")
     log.info("outside")
-    inside, task, own, outside = [line for line in _lines(log_output)
-                                  if line["logger"] == "tests.record"]
+    inside, task, own, bound, outside = [line for line in _lines(log_output)
+                                         if line["logger"] == "tests.record"]
     assert (inside["run_id"], inside["step"], inside["consumer"]) == ("r-2", "score", "wf.score")
     assert task["run_id"] == "r-2"
     assert (own["step"], own["run_id"]) == ("mine", "r-2")
+    assert (bound["step"], bound["run_id"]) == ("bound", "r-2")
     assert "run_id" not in outside
     assert "consumer" not in outside
+
+
+async def test_concurrent_records_log_their_own_fields(log_output: io.StringIO) -> None:
+    log = logging.getLogger("tests.concurrent")
+
+    async def one(run_id: str) -> None:
+        with record_fields({"run_id": run_id}):
+            for i in range(3):
+                log.info("line %d", i)
+                await asyncio.sleep(0)  # the other record's lines come in between
+
+    await asyncio.gather(one("r-a"), one("r-b"))
+    lines = [line for line in _lines(log_output) if line["logger"] == "tests.concurrent"]
+    assert len(lines) == 6
+    assert [line["run_id"] for line in lines] == ["r-a", "r-b"] * 3
+
+
+async def test_a_shared_background_task_logs_without_the_fields_of_the_record_that_started_it(
+        log_output: io.StringIO) -> None:
+    """The lease keeper is started by the first record that takes a lease and then renews
+    every record's: the line about another record's lost lease must not name the first."""
+    lost_now: set[str] = set()
+
+    class Store:
+        async def renew(self, held: dict[str, str], ttl_ms: int) -> set[str]:
+            return {key for key in held if key in lost_now}
+
+    keeper = LeaseKeeper(Store(), ttl_ms=30)  # type: ignore[arg-type]
+    try:
+        with record_fields({"run_id": "run-A", "step": "a"}):
+            keeper.hold("key-A", "t-A")  # starts the keeper
+        with record_fields({"run_id": "run-B", "step": "b"}):
+            keeper.hold("key-B", "t-B")
+        lost_now.add("key-B")
+        for _ in range(100):
+            if "key-B" in keeper.lost:
+                break
+            await asyncio.sleep(0.01)
+        assert "key-B" in keeper.lost
+    finally:
+        await keeper.close()
+    [line] = [line for line in _lines(log_output) if "was lost" in str(line["event"])]
+    assert "key-B" in str(line["event"])
+    assert "run_id" not in line
+    assert "step" not in line
 
 
 def test_console_format_is_redacted_too() -> None:

@@ -510,10 +510,18 @@ async def test_a_failed_run_that_lost_its_lease_sends_the_winners_output_as_a_su
         await store.remember(executor.dedupe_key, winner)  # the other worker, meanwhile
         raise PermanentError("the CRM refused the lead")
 
+    def attempt_failed(job: Job, outcome: str, error: BaseException, started_s: float,
+                       seconds: float) -> list[Emit]:  # the ledger's note of a failed attempt
+        assert isinstance(job.message, StepMessage)
+        return [Emit("af.run-events", job.message.run_id,
+                     job.message.model_copy(update={"step": f"note:{outcome}"}))]
+
     executor.run = lost
+    executor.attempt_failed = attempt_failed  # type: ignore[attr-defined]
     producer = FakeProducer()
     work = await run_through(executor, producer, store)
-    assert [step_of(m).step for m in producer.sent] == ["stored-first"]
+    assert [step_of(m).step for m in producer.sent] == ["stored-first"], \
+        "neither the dead letter nor the note of the failed attempt is sent"
     assert work.error is None
     assert work.failure is None
     assert work.notes == []

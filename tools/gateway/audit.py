@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentfabric.errors import AgentFabricError
 from schemas.models import canonical_json
 from streams.kafka import Outgoing
+from streams.logcontext import detached_task
 
 __all__ = [
     "AUDIT_CONTENT_TYPE",
@@ -170,8 +171,7 @@ class KafkaAuditSink:
         self._idle.clear()
         self._wake.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain(),
-                                                                name="audit-sink")
+            self._task = detached_task(self._drain(), name="audit-sink")
 
     async def _drain(self) -> None:
         while True:

@@ -183,10 +183,9 @@ class ModelClient:
                    tools: list[dict[str, Any]] | None = None,
                    response_format: dict[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> ChatResult:
-        import openai
-
         spec = self.registry.get(model)
         client = await self._loop_client(spec.provider)
+        import openai  # (loaded by then: the first client is built, off the loop)
         body: dict[str, Any] = {"model": spec.model, "messages": messages}
         if tools:
             body["tools"] = tools

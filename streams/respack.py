@@ -5,14 +5,18 @@ its asyncio client (5.x to 8.x) always packs in Python, argument by argument. In
 full rate that packing was 8% of the process's CPU (decision 0014). :func:`fast_packing`
 gives a client's connection pool a subclass of its connection class whose ``pack_command``
 calls hiredis, and falls back to redis-py's own for what hiredis does not take, so errors
-(e.g. a ``bool`` argument) read as they did.
+(e.g. a ``bool`` argument) read as they did. hiredis always encodes text as strict UTF-8, so a
+client set up with another encoding, other encoding errors or its own encoder class keeps
+redis-py's packer.
 """
 
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
-from hiredis import pack_command as _hiredis_pack  # redis[hiredis] is a dependency
+from hiredis import pack_command as _hiredis_pack  # a dependency (pyproject.toml)
+from redis._parsers import Encoder as _DefaultEncoder
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 
@@ -30,8 +34,8 @@ def _packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
         first = args[0] if args else None
         # 'CONFIG GET' and other names with a space go through redis-py, which splits them;
         # bools are refused by redis-py (hiredis would send them as 0/1)
-        if (isinstance(first, str) and " " in first) or \
-                (isinstance(first, bytes) and b" " in first) or bool in map(type, args):
+        if (isinstance(first, (str, bytes)) and len(first.split()) > 1) or \
+                bool in map(type, args):
             return base.pack_command(self, *args)
         try:
             return [_hiredis_pack(args)]
@@ -43,10 +47,25 @@ def _packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
     return made
 
 
+def _encodes_like_hiredis(kwargs: dict[str, Any]) -> bool:
+    """Whether connections made with ``kwargs`` encode text as hiredis does (strict UTF-8)."""
+    try:
+        utf8 = codecs.lookup(kwargs.get("encoding", "utf-8")).name == "utf-8"
+    except LookupError:
+        return False
+    return utf8 and kwargs.get("encoding_errors", "strict") == "strict" \
+        and kwargs.get("encoder_class", _DefaultEncoder) is _DefaultEncoder
+
+
 def fast_packing(redis: Redis) -> Redis:
-    """Make the connections ``redis`` opens from now on pack with hiredis; returns it."""
+    """Make the connections ``redis`` opens from now on pack with hiredis; returns it.
+
+    A client whose text encoding is not strict UTF-8 through redis-py's own encoder is
+    returned unchanged.
+    """
     pool = redis.connection_pool
     if issubclass(pool.connection_class, AbstractConnection) \
-            and pool.connection_class not in _made.values():
+            and pool.connection_class not in _made.values() \
+            and _encodes_like_hiredis(pool.connection_kwargs):
         pool.connection_class = _packing(pool.connection_class)
     return redis

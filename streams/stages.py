@@ -285,7 +285,10 @@ class Dedupe:
         on the broker yet) or, acknowledged or its unit of work completed, nothing is. This
         run's own outcome goes with it, a failure included, so neither the ledger nor the
         metrics report a failure whose retry or dead letter was never sent. What it emitted
-        stays, for the metrics: the tokens and cost it spent were spent all the same."""
+        stays, for the metrics: the tokens and cost it spent were spent all the same (a retry
+        is not a step's output: its message is dropped, so no usage is read from it)."""
+        if work.retried:
+            work.emits = ()
         work.error, work.retried, work.failure, work.notes = None, False, None, []
         if found.state == "stored":
             work.outputs, work.ack_key = await self._unsent(work, key, found), key

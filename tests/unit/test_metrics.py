@@ -263,3 +263,38 @@ async def test_a_run_that_lost_its_lease_still_counts_the_tokens_it_spent() -> N
                  tenant="acme", direction="in") == 70
     assert value(registry, "agentfabric_cost_usd_total", workflow="wf", step="work",
                  tenant="acme") == pytest.approx(0.001)
+
+
+async def test_a_retried_attempt_that_lost_its_lease_counts_no_usage_from_its_retry() -> None:
+    """The attempt failed transiently and its lease lapsed meanwhile: the winner's output is
+    sent and the retry message is dropped, so nothing is read from that message as usage."""
+    registry, metrics = registry_and_metrics()
+    store = MemoryEmissionStore()
+    executor = FakeExecutor()
+    executor.message = executor.message.model_copy(update={"tenant": "acme"})
+    winner = executor.message.model_copy(update={"step": "stored-first"})
+
+    async def lost(job: Job) -> Sequence[Emit]:
+        value_, headers = encode(winner)
+        await store.remember(executor.dedupe_key, [Outgoing("af.wf.after", b"run-1", value_,
+                                                            tuple(headers))])
+        raise TransientError("model timed out")
+
+    def retry_with_usage(job: Job, error: TransientError) -> Emit:
+        assert isinstance(job.message, StepMessage)
+        again = job.message.model_copy(update={"attempt": 2, "step_usage": {
+            "work": Usage(input_tokens=500, output_tokens=50, cost_usd=0.5)}})
+        return Emit("af.wf.work", again.run_id, again)
+
+    executor.run = lost
+    executor.retry = retry_with_usage  # type: ignore[method-assign]
+    producer = FakeProducer()
+    stages = default_stages(producer, store, observe=Observe(metrics))  # type: ignore[arg-type]
+    await Pipeline(executor, stages).run(record())
+
+    assert [step_of(m).step for m in producer.sent] == ["stored-first"]
+    assert value(registry, "agentfabric_tokens_total", workflow="wf", step="work",
+                 tenant="acme", direction="in") == 0
+    assert value(registry, "agentfabric_cost_usd_total", workflow="wf", step="work",
+                 tenant="acme") == 0
+    assert value(registry, "agentfabric_retries_total", workflow="wf", step="work") == 0

@@ -54,3 +54,50 @@ def test_every_kind_of_connection_keeps_its_class_and_packs_with_hiredis(
     assert issubclass(cls, base)
     assert cls is not base
     assert fast_packing(client).connection_pool.connection_class is cls  # not wrapped twice
+
+
+def test_the_fast_path_packs_with_hiredis_in_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    import streams.respack as respack
+
+    calls: list[tuple[Any, ...]] = []
+    original = respack._hiredis_pack
+
+    def counting(args: tuple[Any, ...]) -> bytes:
+        calls.append(args)
+        return original(args)
+
+    monkeypatch.setattr(respack, "_hiredis_pack", counting)
+    pieces = _packing(Connection)().pack_command(*ARGS[0])
+    assert len(pieces) == 1  # redis-py splits a 9,000-byte value into several pieces
+    assert calls == [ARGS[0]]
+    # names with whitespace and bools go through redis-py, not hiredis
+    _packing(Connection)().pack_command("CONFIG\tGET", "save")
+    _packing(Connection)().pack_command(b"CONFIG  GET", "save")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"encoding": "latin-1"},
+    {"encoding": "utf-8", "encoding_errors": "replace"},
+    {"encoding": "no-such-codec"},
+])
+def test_a_client_that_does_not_encode_strict_utf8_keeps_redis_py_packing(
+        kwargs: dict[str, Any]) -> None:
+    client = fast_packing(Redis.from_url("redis://localhost:6379/0", **kwargs))
+    assert client.connection_pool.connection_class is Connection
+
+
+def test_a_client_with_its_own_encoder_keeps_redis_py_packing() -> None:
+    from redis._parsers import Encoder
+
+    class Upper(Encoder):
+        def encode(self, value: Any) -> Any:
+            return super().encode(value.upper() if isinstance(value, str) else value)
+
+    client = fast_packing(Redis.from_url("redis://localhost:6379/0", encoder_class=Upper))
+    assert client.connection_pool.connection_class is Connection
+
+
+def test_utf8_under_another_spelling_still_packs_with_hiredis() -> None:
+    client = fast_packing(Redis.from_url("redis://localhost:6379/0", encoding="UTF8"))
+    assert client.connection_pool.connection_class is not Connection

@@ -232,8 +232,10 @@ def machine() -> str:
     except (OSError, ValueError, IndexError):
         memory = "RAM unknown"
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = " with uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") \
-        else ""
+    # the report's own files, left by an earlier run, do not change what is measured
+    own = [f":(exclude){name}" for name in ("docs/performance.md", "docs/performance.png")]
+    dirty = " with uncommitted changes" if _git(
+        "status", "--porcelain", "--untracked-files=no", "--", ".", *own) else ""
     return (f"`nproc` = {os.cpu_count()} ({cpu or 'unknown CPU'}), {memory}, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}; "
             f"commit {commit}{dirty}")

@@ -32,9 +32,9 @@ def _packing(base: type[AbstractConnection]) -> type[AbstractConnection]:
 
     def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
         first = args[0] if args else None
-        # 'CONFIG GET' and other names with a space go through redis-py, which splits them;
+        # a name redis-py splits or trims ('CONFIG GET', ' PING', '') goes through redis-py;
         # bools are refused by redis-py (hiredis would send them as 0/1)
-        if (isinstance(first, (str, bytes)) and len(first.split()) > 1) or \
+        if (isinstance(first, (str, bytes)) and first.split() != [first]) or \
                 bool in map(type, args):
             return base.pack_command(self, *args)
         try:

@@ -21,6 +21,12 @@ ARGS = [
     ("CONFIG GET", "maxmemory-policy"),
     (b"CONFIG GET", "save"),
     ("PING",),
+    (" PING",),
+    (b" PING",),
+    ("PING ",),
+    ("CONFIG\tGET", "save"),
+    ("",),
+    (b"",),
 ]
 
 
@@ -70,9 +76,11 @@ def test_the_fast_path_packs_with_hiredis_in_one_piece(monkeypatch: pytest.Monke
     pieces = _packing(Connection)().pack_command(*ARGS[0])
     assert len(pieces) == 1  # redis-py splits a 9,000-byte value into several pieces
     assert calls == [ARGS[0]]
-    # names with whitespace and bools go through redis-py, not hiredis
+    # names redis-py splits or trims, and bools, go through redis-py, not hiredis
     _packing(Connection)().pack_command("CONFIG\tGET", "save")
-    _packing(Connection)().pack_command(b"CONFIG  GET", "save")
+    _packing(Connection)().pack_command(b" PING")
+    with pytest.raises(DataError):
+        _packing(Connection)().pack_command("SET", "k", True)
     assert len(calls) == 1
 
 
@@ -100,4 +108,9 @@ def test_a_client_with_its_own_encoder_keeps_redis_py_packing() -> None:
 
 def test_utf8_under_another_spelling_still_packs_with_hiredis() -> None:
     client = fast_packing(Redis.from_url("redis://localhost:6379/0", encoding="UTF8"))
+    assert client.connection_pool.connection_class is not Connection
+
+
+def test_a_client_that_decodes_responses_still_packs_with_hiredis() -> None:
+    client = fast_packing(Redis.from_url("redis://localhost:6379/0", decode_responses=True))
     assert client.connection_pool.connection_class is not Connection

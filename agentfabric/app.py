@@ -170,11 +170,11 @@ def parse_events(text: str, source: str) -> list[TriggerEvent]:
 
 async def publish_events(settings: Settings, topic: str, events: Sequence[TriggerEvent]) -> int:
     """Send ``events`` to a trigger topic, each signed for its tenant (docs/tenancy.md)."""
-    from redis.asyncio import Redis
+    from streams.redispool import open_redis
 
     from .tenancy import TenantSigner
 
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = open_redis(settings)
     try:
         signer = TenantSigner(settings, redis)
         messages = [Outgoing.of(topic, e.event_id, e, await signer.headers(e.tenant, e.event_id))

@@ -25,15 +25,16 @@ keys_app = typer.Typer(
 
 
 def _with_store(use: Callable[[ApiKeyStore], Awaitable[T]]) -> T:
-    from redis.asyncio import Redis
     from redis.exceptions import RedisError
+
+    from streams.redispool import open_redis
 
     from .ingress.keys import ApiKeyStore
 
     s = settings_()
 
     async def go() -> T:
-        redis = Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        redis = open_redis(s)
         try:
             return await use(ApiKeyStore(redis, s.topic_prefix))
         except RedisError as exc:

@@ -31,12 +31,12 @@ def register(app: typer.Typer) -> None:
 
 
 def _with_ledger(use: Callable[[RunLedger], Awaitable[T]]) -> T:
-    from redis.asyncio import Redis
+    from streams.redispool import open_redis
 
     s = settings_()
 
     async def go() -> T:
-        redis = Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        redis = open_redis(s)
         try:
             return await use(RunLedger(redis, s.topic_prefix))
         finally:

@@ -53,13 +53,12 @@ def _short(source: str) -> str:
 
 async def _breaker_states(settings: Settings) -> dict[str, str] | None:
     """Every tool's breaker state in Redis, or None when Redis is not reachable."""
-    from redis.asyncio import Redis
-
     from agentfabric.errors import UnavailableError
+    from streams.redispool import open_redis
     from tools.gateway.breaker import RedisBreakers
     from tools.gateway.pipeline import redis_prefix
 
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=2)
+    redis = open_redis(settings, socket_timeout=2, connect_timeout=1)
     try:
         states = await RedisBreakers(redis, prefix=redis_prefix(settings, "cb")).states()
         return {tool: str(state) for tool, state in states.items()}

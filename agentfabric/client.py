@@ -38,7 +38,7 @@ from streams.batching import PipelinedRedis
 from streams.claims import ClaimStore
 from streams.codec import TRACE_HEADER, trace_header
 from streams.kafka import Outgoing, Producer, make_consumer
-from streams.respack import fast_packing
+from streams.redispool import open_redis
 from streams.topics import TopicNames
 
 from . import tracing
@@ -97,8 +97,7 @@ class Client:
         if self._producer is not None:
             return
         self._traced = tracing.start(self.settings)  # a ConfigError without the otel extra
-        redis = fast_packing(Redis.from_url(self.settings.redis_url, socket_timeout=10,
-                                            socket_connect_timeout=5))
+        redis = open_redis(self.settings)
         producer = Producer(self.settings, client_id="agentfabric-client")
         try:
             await producer.start()

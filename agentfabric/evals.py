@@ -8,14 +8,13 @@ import contextlib
 import time
 import uuid
 
-from redis.asyncio import Redis
-
 from agentfabric.worker import background_worker
 from agents.engine import Engine, run_id_for
 from agents.evals import CaseResult, EvalReport, EvalSuite, check
 from schemas.models import RunResult, TriggerEvent
 from streams.kafka import Outgoing, Producer
 from streams.reader import read_until
+from streams.redispool import open_redis
 from streams.topics import TopicNames
 
 from .app import provision
@@ -80,7 +79,7 @@ async def _publish_and_collect(
                                             lambda _: len(found) == len(runs), each=arrived))
     producer = Producer(settings, client_id="agentfabric-eval")
     await producer.start()
-    redis = Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+    redis = open_redis(settings)
     signer = TenantSigner(settings, redis)  # each event signed for its tenant
     sent_at: list[float] = []
     try:

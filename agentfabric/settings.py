@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(default=None,
                                      description="Private key (PEM) of ssl_certfile.")
     redis_url: str = Field(default="redis://127.0.0.1:16379/0", description="Redis URL.")
+    redis_max_connections: int = Field(
+        default=100, ge=1, le=10_000,
+        description="Most Redis connections a process opens at once; commands beyond them "
+                    "wait for a free one.")
+    redis_pool_wait_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="Longest a Redis command waits for a free connection; past it the command "
+                    "fails as if Redis were down (the record is taken again).")
     topic_prefix: str = Field(default="af", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,48}$",
                               description="Prefix of every topic and consumer group.")
     partitions: int = Field(default=3, ge=1, le=1024, description="Partitions per new topic.")

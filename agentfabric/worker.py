@@ -21,7 +21,7 @@ from streams.joins import RedisJoinStore
 from streams.journal import RedisJournal
 from streams.kafka import Producer
 from streams.metrics import MetricsServer, StreamMetrics
-from streams.respack import fast_packing
+from streams.redispool import open_redis
 from streams.runtime import Runtime
 from streams.stepcache import RedisSpendStore, RedisStepCache
 from streams.topics import TopicNames
@@ -48,8 +48,7 @@ async def connect_redis(settings: Settings) -> Redis:
     the server's settings endanger runs: an evicting ``maxmemory-policy`` or no persistence.
     Managed services often disable CONFIG; then nothing is checked."""
     url = settings.secret_free_redis_url
-    redis = fast_packing(Redis.from_url(settings.redis_url, socket_timeout=10,
-                                        socket_connect_timeout=5))
+    redis = open_redis(settings)
     try:
         await redis.ping()
     except (RedisError, OSError) as exc:

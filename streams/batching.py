@@ -39,6 +39,11 @@ __all__ = ["PipelinedRedis", "redis_unavailable"]
 Build = Callable[[Pipeline], object]
 
 
+# what redis-py's pools say when every connection is checked out: the blocking pool after
+# its wait, the plain pool at once (MaxConnectionsError in redis-py >= 6)
+_POOL_EXHAUSTED = frozenset({"No connection available.", "Too many connections"})
+
+
 def redis_unavailable(exc: BaseException, *, doing: str = "",
                       retried: bool = True) -> UnavailableError:
     """A Redis failure as the runtime's 'try again later' error, whose one-sentence reason
@@ -97,6 +102,11 @@ def redis_unavailable(exc: BaseException, *, doing: str = "",
         what = f"Redis is unavailable: it did not answer in time ({detail}{during})"
         fix = "check its load (a slow command or script blocks it) and the network to it"
         wait = "records are retried until it answers"
+    elif isinstance(exc, RedisConnectionError) and str(exc) in _POOL_EXHAUSTED:
+        what = f"every Redis connection this process may open stayed in use ({detail}{during})"
+        fix = ("check Redis's load (slow commands hold connections), or raise "
+               "AGENTFABRIC_REDIS_MAX_CONNECTIONS or AGENTFABRIC_REDIS_POOL_WAIT_S")
+        wait = "records are retried until a connection is free"
     elif isinstance(exc, RedisConnectionError | OSError):
         what = f"Redis is unavailable ({detail}{during})"
         fix = "start it (`agentfabric up` for the embedded one) or fix AGENTFABRIC_REDIS_URL"

@@ -22,7 +22,7 @@ from agentfabric.settings import Settings
 from schemas.models import AvroModel
 from schemas.serde import encode
 
-from . import tolerant
+from . import groupleave, tolerant
 
 __all__ = ["PERMANENT_SEND_ERRORS", "Outgoing", "Producer", "kafka_client_options", "make_consumer"]
 
@@ -136,8 +136,10 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str,
                   client_id: str = "agentfabric",
                   fetch_max_wait_ms: int | None = None) -> AIOKafkaConsumer:
     """A consumer that commits only explicitly and starts a new group at the earliest offset
-    (and reads past records whose header keys are not UTF-8: see ``streams.tolerant``)."""
+    (and reads past records whose header keys are not UTF-8: see ``streams.tolerant``), and
+    that leaves its group when it stops, also on the embedded broker (``streams.groupleave``)."""
     tolerant.install()
+    groupleave.install()
     return AIOKafkaConsumer(
         *topics, **kafka_client_options(settings), group_id=group_id,
         client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",

@@ -19,6 +19,7 @@ from schemas.models import AvroModel
 from schemas.serde import decode, header_value
 
 from .kafka import make_consumer
+from .redispool import open_redis
 
 __all__ = ["read_topic", "read_until"]
 
@@ -84,7 +85,7 @@ class _LazyClaims:
             from .batching import PipelinedRedis
             from .claims import ClaimStore
 
-            self.redis = Redis.from_url(self.settings.redis_url)
+            self.redis = open_redis(self.settings)
             self.store = ClaimStore(PipelinedRedis(self.redis), self.settings.topic_prefix,
                                     self.settings.idempotency_ttl_s,
                                     self.settings.claim_check_bytes)

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from agentfabric.errors import AgentFabricError, UnavailableError
 from schemas.models import DeadLetter, RunResult, utc_now
 from schemas.serde import decode
-from streams import tolerant
+from streams import groupleave, tolerant
 from streams.batching import PipelinedRedis
 from streams.claims import ClaimStore
 from streams.kafka import kafka_client_options
@@ -159,6 +159,7 @@ def _consumer(settings: Settings, group: str) -> AIOKafkaConsumer:
     """Like ``streams.kafka.make_consumer``, but it looks for new topics every 5 s (a pattern
     subscription sees a result topic created after it started)."""
     tolerant.install()
+    groupleave.install()
     return AIOKafkaConsumer(
         **kafka_client_options(settings), group_id=group,
         client_id="agentfabric-ingress-runs", enable_auto_commit=False,

@@ -24,6 +24,11 @@ SCRIPT_OOM = ("Error running script (call to f_5b7e): @user_script:2: @user_scri
     (redis_errors.OutOfMemoryError(OOM_TEXT), ["OOM", "maxmemory", "noeviction"]),
     (redis_errors.ResponseError("OOM " + OOM_TEXT), ["OOM", "maxmemory", "noeviction"]),
     (redis_errors.ResponseError(SCRIPT_OOM), ["OOM", "maxmemory", "noeviction"]),
+    # every connection of the pool busy: Redis's load, or a bigger pool
+    (redis_errors.ConnectionError("No connection available."),
+     ["in use", "AGENTFABRIC_REDIS_POOL_WAIT_S", "AGENTFABRIC_REDIS_MAX_CONNECTIONS"]),
+    (redis_errors.ConnectionError("Too many connections"),
+     ["in use", "AGENTFABRIC_REDIS_MAX_CONNECTIONS"]),
     # a read-only replica: point the URL at the primary
     (redis_errors.ReadOnlyError("You can't write against a read only replica."),
      ["READONLY", "AGENTFABRIC_REDIS_URL", "primary"]),

@@ -1,0 +1,41 @@
+"""A consumer that stops leaves its group at once, also on a broker that numbers a new
+group's first generation 0.
+
+aiokafka (0.14) sends ``LeaveGroup`` when a consumer stops only if its generation is above
+0 (``GroupCoordinator._maybe_leave_group``); "no generation" is -1 there. Kafka numbers a
+group's generations from 1, so that never mattered, but Tansu (the embedded broker) gives
+a new group's first generation the number 0. The first worker of a group then stopped
+without leaving, and the next worker's join waited for the stopped member's session to
+expire: 18 s with the 10 s session timeout, where a join otherwise takes 5 s (decision
+0016). ``install`` wraps that method so that a joined member of generation 0 leaves too.
+The request itself carries the group and member id only, not the generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.protocol.group import JoinGroupRequest
+
+__all__ = ["install"]
+
+_MARK = "_agentfabric_leaves_generation_zero"
+
+
+def install() -> None:
+    """Patch aiokafka's group coordinator once per process (idempotent)."""
+    original: Callable[[Any], Awaitable[None]] | None = getattr(
+        GroupCoordinator, "_maybe_leave_group", None)
+    if original is None or getattr(original, _MARK, False):
+        return  # installed already, or an aiokafka without it (then a restart waits longer)
+    leave = original
+
+    async def _maybe_leave_group(self: Any) -> None:
+        if self.generation == 0 and self.member_id != JoinGroupRequest.UNKNOWN_MEMBER_ID:
+            self.generation = 1  # joined at generation 0: the check below is "> 0"
+        await leave(self)
+
+    setattr(_maybe_leave_group, _MARK, True)
+    GroupCoordinator._maybe_leave_group = _maybe_leave_group

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         description="Longest a fetch waits for data. The embedded broker does not wake a "
                     "waiting fetch, so latency follows this value: keep it low there.")
     max_poll_records: int = Field(default=200, ge=1, le=10_000)
+    session_timeout_ms: int = Field(
+        default=10_000, ge=1_000, le=300_000,
+        description="Consumer group session: a worker whose heartbeats stop for this long loses "
+                    "its partitions to the others. The embedded broker assigns a joining "
+                    "worker after half of it (Kafka needs at least 6000).")
     max_poll_interval_ms: int = Field(
         default=600_000, ge=10_000, le=3_600_000,
         description="Longest a batch may take before the consumer leaves its group; raise "

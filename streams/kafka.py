@@ -24,7 +24,8 @@ from schemas.serde import encode
 
 from . import groupleave, tolerant
 
-__all__ = ["PERMANENT_SEND_ERRORS", "Outgoing", "Producer", "kafka_client_options", "make_consumer"]
+__all__ = ["PERMANENT_SEND_ERRORS", "Outgoing", "Producer", "group_timeouts",
+           "kafka_client_options", "make_consumer"]
 
 
 def kafka_client_options(settings: Settings) -> dict[str, Any]:
@@ -132,6 +133,15 @@ def _translate(exc: KafkaError) -> PermanentError | UnavailableError:
                             f"({type(exc).__name__}: {exc})")
 
 
+def group_timeouts(settings: Settings) -> dict[str, int]:
+    """A group consumer's session, heartbeat and rebalance timeouts (ms): a heartbeat every
+    second, or three per session if the session is shorter than 3 s."""
+    session = settings.session_timeout_ms
+    return {"session_timeout_ms": session,
+            "heartbeat_interval_ms": min(1_000, session // 3),
+            "rebalance_timeout_ms": max(10_000, session)}
+
+
 def make_consumer(settings: Settings, group_id: str | None, *topics: str,
                   client_id: str = "agentfabric",
                   fetch_max_wait_ms: int | None = None) -> AIOKafkaConsumer:
@@ -144,6 +154,5 @@ def make_consumer(settings: Settings, group_id: str | None, *topics: str,
         *topics, **kafka_client_options(settings), group_id=group_id,
         client_id=client_id, enable_auto_commit=False, auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms or settings.fetch_max_wait_ms,
-        max_poll_records=settings.max_poll_records, session_timeout_ms=10_000,
-        heartbeat_interval_ms=1_000, rebalance_timeout_ms=10_000,
+        max_poll_records=settings.max_poll_records, **group_timeouts(settings),
         max_poll_interval_ms=settings.max_poll_interval_ms)

@@ -20,6 +20,8 @@ from .logcapture import captured_logs
 from .modelfixture import scripted_server, workflow_folder
 from .servicefixture import RunningServices, running_services
 
+TEST_SESSION_TIMEOUT_MS = 6_000
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
@@ -52,10 +54,14 @@ def settings(stack: StackInfo, services: RunningServices, rules_workflows: Path,
     for var in ("AGENTFABRIC_BOOTSTRAP_SERVERS", "AGENTFABRIC_REDIS_URL",
                 "AGENTFABRIC_SERVICE_URLS"):
         monkeypatch.delenv(var, raising=False)
+    # Kafka's smallest session: the embedded broker assigns a joining consumer after half
+    # of it (3 s instead of 5 s per worker start); worker subprocesses inherit it
+    monkeypatch.setenv("AGENTFABRIC_SESSION_TIMEOUT_MS", str(TEST_SESSION_TIMEOUT_MS))
     return Settings(bootstrap_servers=stack.bootstrap_servers, redis_url=stack.redis_url,
                     topic_prefix=f"t{uuid.uuid4().hex[:10]}", partitions=3,
                     fetch_max_wait_ms=10, workflows_dir=rules_workflows,
-                    service_urls=services.urls, metrics_port=0)
+                    service_urls=services.urls, metrics_port=0,
+                    session_timeout_ms=TEST_SESSION_TIMEOUT_MS)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from schemas.serde import decode
 from streams import groupleave, tolerant
 from streams.batching import PipelinedRedis
 from streams.claims import ClaimStore
-from streams.kafka import kafka_client_options
+from streams.kafka import group_timeouts, kafka_client_options
 
 if TYPE_CHECKING:
     from agentfabric.settings import Settings
@@ -164,8 +164,7 @@ def _consumer(settings: Settings, group: str) -> AIOKafkaConsumer:
         **kafka_client_options(settings), group_id=group,
         client_id="agentfabric-ingress-runs", enable_auto_commit=False,
         auto_offset_reset="earliest", fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        max_poll_records=settings.max_poll_records, session_timeout_ms=10_000,
-        heartbeat_interval_ms=1_000, rebalance_timeout_ms=10_000,
+        max_poll_records=settings.max_poll_records, **group_timeouts(settings),
         metadata_max_age_ms=5_000, max_poll_interval_ms=settings.max_poll_interval_ms)
 
 

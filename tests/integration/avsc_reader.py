@@ -59,7 +59,10 @@ def read_records(bootstrap_servers: str, topic: str, count: int,
     consumer = Consumer({"bootstrap.servers": bootstrap_servers,
                          "group.id": f"interop-{uuid.uuid4().hex[:8]}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "client.id": "interop-confluent"})
+                         "client.id": "interop-confluent",
+                         # the embedded broker assigns a new group's member after half its
+                         # session timeout: 3 s here, 22.5 s with librdkafka's default 45 s
+                         "session.timeout.ms": 6000})
     found: list[dict[str, Any]] = []
     try:
         consumer.subscribe([topic])

@@ -31,6 +31,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {"AGENTFABRIC_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
             "AGENTFABRIC_REDIS_URL": settings.redis_url,
             "AGENTFABRIC_TOPIC_PREFIX": settings.topic_prefix,
+            "AGENTFABRIC_SESSION_TIMEOUT_MS": str(settings.session_timeout_ms),
             "AGENTFABRIC_WORKFLOWS_DIR": str(settings.workflows_dir),
             "AGENTFABRIC_SERVICE_URLS": json.dumps(settings.service_urls)}
 

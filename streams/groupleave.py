@@ -7,20 +7,23 @@ group's generations from 1, so that never mattered, but Tansu (the embedded brok
 a new group's first generation the number 0. The first worker of a group then stopped
 without leaving, and the next worker's join waited for the stopped member's session to
 expire: 18 s with the 10 s session timeout, where a join otherwise takes 5 s (decision
-0016). ``install`` wraps that method so that a joined member of generation 0 leaves too.
-The request itself carries the group and member id only, not the generation.
+0016). ``install`` wraps that method so that a joined member of generation 0 leaves too,
+with the same request (group and member id) and the same reset afterwards.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka.consumer.group_coordinator import GroupCoordinator
-from aiokafka.protocol.group import JoinGroupRequest
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
 __all__ = ["install"]
 
+log = logging.getLogger(__name__)
 _MARK = "_agentfabric_leaves_generation_zero"
 
 
@@ -33,9 +36,19 @@ def install() -> None:
     leave = original
 
     async def _maybe_leave_group(self: Any) -> None:
-        if self.generation == 0 and self.member_id != JoinGroupRequest.UNKNOWN_MEMBER_ID:
-            self.generation = 1  # joined at generation 0: the check below is "> 0"
-        await leave(self)
+        if self.generation != 0 or self._group_instance_id is not None \
+                or self.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID:
+            await leave(self)  # aiokafka's own: it leaves above generation 0
+            return
+        # joined at generation 0: leave as aiokafka does above it (a static member never
+        # leaves; a failed leave is logged, the session then expires on the broker)
+        try:
+            await self._send_req(LeaveGroupRequest(self.group_id, self.member_id))
+        except KafkaError as err:
+            log.error("LeaveGroup request failed: %s", err)
+        else:
+            log.info("LeaveGroup request succeeded")
+        self.reset_generation()
 
     setattr(_maybe_leave_group, _MARK, True)
     GroupCoordinator._maybe_leave_group = _maybe_leave_group

@@ -134,12 +134,15 @@ def _translate(exc: KafkaError) -> PermanentError | UnavailableError:
 
 
 def group_timeouts(settings: Settings) -> dict[str, int]:
-    """A group consumer's session, heartbeat and rebalance timeouts (ms): a heartbeat every
-    second, or three per session if the session is shorter than 3 s."""
+    """A group consumer's session, heartbeat, rebalance and request timeouts (ms): a
+    heartbeat every second (three per session below 3 s); requests wait longer than a
+    rebalance, since the broker holds a JoinGroup answer until the rebalance ends."""
     session = settings.session_timeout_ms
+    rebalance = max(10_000, session)
     return {"session_timeout_ms": session,
             "heartbeat_interval_ms": min(1_000, session // 3),
-            "rebalance_timeout_ms": max(10_000, session)}
+            "rebalance_timeout_ms": rebalance,
+            "request_timeout_ms": max(40_000, rebalance + 5_000)}
 
 
 def make_consumer(settings: Settings, group_id: str | None, *topics: str,

@@ -2,7 +2,7 @@
 connection instead of failing, with commands packed by hiredis (``streams.respack``).
 
 redis-py's asyncio ``ConnectionPool`` raises ``MaxConnectionsError`` as soon as
-``max_connections`` (100 by default since redis-py 5.1) are checked out. A worker has many
+``max_connections`` (100 by default in redis-py 8; 2**31 before) are checked out. A worker has many
 records in flight at once, and the commands that are not pipelined (rate-limit slots,
 breaker checks, joins) each take a connection, so a burst turned into "Redis is
 unavailable" errors and retried records although Redis was fine. A
@@ -28,7 +28,8 @@ def open_redis(settings: Settings, *, socket_timeout: float | None = 10,
 
     At most ``settings.redis_max_connections`` connections are open at once; a command
     waits up to ``settings.redis_pool_wait_s`` for one. Options in the URL's query string
-    (``?max_connections=...``) win over the settings, as in redis-py.
+    (``?max_connections=...``, ``?timeout=...`` for the wait) win over the settings, as in
+    redis-py.
     """
     pool = BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_max_connections,

@@ -85,9 +85,13 @@ async def test_a_wait_past_the_bound_is_redis_unavailable(settings: Settings) ->
 async def test_settings_in_the_url_win_and_aclose_closes_the_pool(settings: Settings) -> None:
     redis = open_redis(settings.model_copy(
         update={"redis_url": settings.redis_url + "?max_connections=7"}))
+    pool = redis.connection_pool
     try:
         assert await redis.ping()
-        assert redis.connection_pool.max_connections == 7
+        assert pool.max_connections == 7
+        idle = list(pool._available_connections)  # type: ignore[attr-defined]
+        assert idle
+        assert all(c.is_connected for c in idle)
     finally:
         await redis.aclose()
-    assert not redis.connection_pool._in_use_connections  # type: ignore[attr-defined]
+    assert not any(c.is_connected for c in idle)  # the client closed the pool it owns

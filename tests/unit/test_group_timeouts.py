@@ -17,16 +17,18 @@ def test_the_default_is_the_session_the_fabric_always_had(
     monkeypatch.delenv("AGENTFABRIC_SESSION_TIMEOUT_MS", raising=False)
     assert group_timeouts(Settings()) == {"session_timeout_ms": 10_000,
                                           "heartbeat_interval_ms": 1_000,
-                                          "rebalance_timeout_ms": 10_000}
+                                          "rebalance_timeout_ms": 10_000,
+                                          "request_timeout_ms": 40_000}
 
 
-@pytest.mark.parametrize(("session", "heartbeat", "rebalance"), [
-    (6_000, 1_000, 10_000), (2_400, 800, 10_000), (45_000, 1_000, 45_000)])
-def test_the_heartbeat_and_rebalance_follow_the_session(session: int, heartbeat: int,
-                                                        rebalance: int) -> None:
+@pytest.mark.parametrize(("session", "heartbeat", "rebalance", "request_ms"), [
+    (6_000, 1_000, 10_000, 40_000), (2_400, 800, 10_000, 40_000),
+    (45_000, 1_000, 45_000, 50_000)])
+def test_the_other_timeouts_follow_the_session(session: int, heartbeat: int, rebalance: int,
+                                               request_ms: int) -> None:
     timeouts = group_timeouts(Settings(session_timeout_ms=session))
     assert timeouts == {"session_timeout_ms": session, "heartbeat_interval_ms": heartbeat,
-                        "rebalance_timeout_ms": rebalance}
+                        "rebalance_timeout_ms": rebalance, "request_timeout_ms": request_ms}
 
 
 def test_a_session_under_a_second_is_refused_at_start_up() -> None:

@@ -29,16 +29,14 @@ _MARK = "_agentfabric_leaves_generation_zero"
 
 def install() -> None:
     """Patch aiokafka's group coordinator once per process (idempotent)."""
-    original: Callable[[Any], Awaitable[None]] | None = getattr(
-        GroupCoordinator, "_maybe_leave_group", None)
-    if original is None or getattr(original, _MARK, False):
-        return  # installed already, or an aiokafka without it (then a restart waits longer)
-    leave = original
+    original: Callable[[Any], Awaitable[None]] = GroupCoordinator._maybe_leave_group
+    if getattr(original, _MARK, False):
+        return
 
     async def _maybe_leave_group(self: Any) -> None:
         if self.generation != 0 or self._group_instance_id is not None \
                 or self.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID:
-            await leave(self)  # aiokafka's own: it leaves above generation 0
+            await original(self)  # aiokafka's own: it leaves above generation 0
             return
         # joined at generation 0: leave as aiokafka does above it (a static member never
         # leaves; a failed leave is logged, the session then expires on the broker)

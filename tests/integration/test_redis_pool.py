@@ -20,31 +20,35 @@ from tools.gateway.spec import RateLimitPolicy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
+# a burst of BLPOPs that each hold a connection for HOLD_S, on a pool of POOL connections
+BURST, HOLD_S, POOL = 24, 0.1, 4
+
 
 async def test_a_burst_larger_than_the_pool_queues_and_completes(settings: Settings) -> None:
-    small = settings.model_copy(update={"redis_max_connections": 4})
+    small = settings.model_copy(update={"redis_max_connections": POOL})
     redis = open_redis(small)
     key = f"{settings.topic_prefix}:empty"
     try:
         started = time.monotonic()
-        # each BLPOP holds its connection for 0.1 s: 24 of them on 4 connections take 6 turns
-        replies = await asyncio.gather(*(redis.blpop([key], timeout=0.1) for _ in range(24)))
+        # 24 BLPOPs on 4 connections take 6 turns of 0.1 s
+        replies = await asyncio.gather(*(redis.blpop([key], timeout=HOLD_S)
+                                         for _ in range(BURST)))
         took = time.monotonic() - started
-        assert replies == [None] * 24
-        assert took >= 0.5, f"{took:.2f}s: more than 4 connections were open at once"
+        assert replies == [None] * BURST
+        assert took >= 0.5, f"{took:.2f}s: more than {POOL} connections were open at once"
     finally:
         await redis.aclose()
 
 
 async def test_the_plain_pool_would_have_failed_the_same_burst(settings: Settings) -> None:
     """Why the fabric does not use redis-py's default pool: it raises at once."""
-    plain = Redis.from_url(settings.redis_url, max_connections=4)
+    plain = Redis.from_url(settings.redis_url, max_connections=POOL)
     key = f"{settings.topic_prefix}:empty"
     try:
-        replies = await asyncio.gather(*(plain.blpop([key], timeout=0.1) for _ in range(24)),
-                                       return_exceptions=True)
+        replies = await asyncio.gather(*(plain.blpop([key], timeout=HOLD_S)
+                                         for _ in range(BURST)), return_exceptions=True)
         refused = [r for r in replies if isinstance(r, RedisConnectionError)]
-        assert len(refused) == 20, replies
+        assert len(refused) == BURST - POOL == 20, replies
     finally:
         await plain.aclose()
 
